@@ -1,0 +1,193 @@
+//! Project automation for lmgrid, run as `cargo xtask <command>`.
+//!
+//! Deliberately small: the standard library and `anyhow`, no argument parser. Every step
+//! prints one line saying what it does (or what it skipped), then streams the output of the
+//! commands it runs. See [`USAGE`] for the commands.
+
+mod deps;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{Context as _, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  deps   install what the tests need (etcd, redis-server, promtool, cargo-nextest); idempotent
+  test   deps, then the workspace tests
+  ci     deps, rustfmt check, clippy with -D warnings, then the workspace tests
+  help   print this message";
+
+/// A command given on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Task {
+    Deps,
+    Test,
+    Ci,
+    Help,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match parse(&args).and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse(args: &[String]) -> anyhow::Result<Task> {
+    let task = match args.first().map(String::as_str) {
+        None | Some("help" | "-h" | "--help") => Task::Help,
+        Some("deps") => Task::Deps,
+        Some("test") => Task::Test,
+        Some("ci") => Task::Ci,
+        Some(other) => bail!("unknown command `{other}`\n\n{USAGE}"),
+    };
+    if let Some(extra) = args.get(1) {
+        bail!("unexpected argument `{extra}`\n\n{USAGE}");
+    }
+    Ok(task)
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    if task == Task::Help {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    let root = project_root();
+    std::env::set_current_dir(&root)
+        .with_context(|| format!("change directory to {}", root.display()))?;
+    deps::install()?;
+    match task {
+        Task::Deps | Task::Help => Ok(()),
+        Task::Test => tests(),
+        Task::Ci => {
+            fmt()?;
+            clippy()?;
+            // Tests run last so the output ends with the test runner's own summary.
+            tests()
+        }
+    }
+}
+
+fn fmt() -> anyhow::Result<()> {
+    run_step("fmt", cargo().args(["fmt", "--all", "--", "--check"]))
+}
+
+fn clippy() -> anyhow::Result<()> {
+    let args = [
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ];
+    run_step("clippy", cargo().args(args))
+}
+
+fn tests() -> anyhow::Result<()> {
+    if deps::has_nextest() {
+        let args = [
+            "nextest",
+            "run",
+            "--workspace",
+            "--locked",
+            "--no-fail-fast",
+        ];
+        run_step("test", cargo().args(args))
+    } else {
+        println!("xtask: test: cargo-nextest unavailable, falling back to cargo test");
+        run_step(
+            "test",
+            cargo().args(["test", "--workspace", "--locked", "--no-fail-fast"]),
+        )
+    }
+}
+
+/// The workspace root: xtask lives one directory below it.
+fn project_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// `cargo` as the toolchain that runs xtask, so every step uses the same one.
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Runs `command` with inherited output and fails, naming `step`, unless it succeeds.
+fn run_step(step: &str, command: &mut Command) -> anyhow::Result<()> {
+    let shown = show(command);
+    println!("xtask: {step}: running `{shown}`");
+    // Nothing here is interactive, and CI runs without a terminal on stdin.
+    let status = command
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("step `{step}` failed: could not start `{shown}`"))?;
+    if !status.success() {
+        bail!("step `{step}` failed: `{shown}` exited with {status}");
+    }
+    Ok(())
+}
+
+/// Whether `command` runs and exits successfully, with all its output discarded.
+fn succeeds(command: &mut Command) -> bool {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// A command line for humans: the program's file name, then the arguments.
+fn show(command: &Command) -> String {
+    let program = Path::new(command.get_program());
+    let program = program.file_name().unwrap_or(program.as_os_str());
+    std::iter::once(program)
+        .chain(command.get_args())
+        .map(OsStr::to_string_lossy)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn parses_commands() {
+        assert_eq!(parse(&args(&[])).unwrap(), Task::Help);
+        assert_eq!(parse(&args(&["--help"])).unwrap(), Task::Help);
+        assert_eq!(parse(&args(&["deps"])).unwrap(), Task::Deps);
+        assert_eq!(parse(&args(&["test"])).unwrap(), Task::Test);
+        assert_eq!(parse(&args(&["ci"])).unwrap(), Task::Ci);
+    }
+
+    #[test]
+    fn rejects_unknown_commands_and_extra_arguments() {
+        let err = parse(&args(&["deploy"])).unwrap_err().to_string();
+        assert!(err.starts_with("unknown command `deploy`"), "{err}");
+        let err = parse(&args(&["ci", "--fast"])).unwrap_err().to_string();
+        assert!(err.starts_with("unexpected argument `--fast`"), "{err}");
+    }
+
+    #[test]
+    fn shows_command_lines_without_directories() {
+        let mut command = Command::new("/usr/bin/cargo");
+        command.args(["fmt", "--all"]);
+        assert_eq!(show(&command), "cargo fmt --all");
+    }
+}
