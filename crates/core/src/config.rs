@@ -31,7 +31,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError { key: key.into(), message: message.into() }
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -65,15 +68,21 @@ pub fn load_from<T: DeserializeOwned + Validate>(
     if root.is_null() {
         root = yaml_serde::Value::Mapping(Default::default());
     }
-    let mut overrides: Vec<(String, String)> =
-        env.into_iter().filter(|(name, _)| name.starts_with(ENV_PREFIX)).collect();
+    let mut overrides: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+        .collect();
     overrides.sort();
     for (name, value) in overrides {
         apply_override(&mut root, &name, &value)?;
     }
     let config: T = serde_path_to_error::deserialize(root).map_err(|e| {
         let path = e.path().to_string();
-        let key = if path == "." { "<root>".to_string() } else { path };
+        let key = if path == "." {
+            "<root>".to_string()
+        } else {
+            path
+        };
         ConfigError::new(key, e.into_inner().to_string())
     })?;
     config.validate()?;
@@ -85,11 +94,16 @@ fn apply_override(
     name: &str,
     value: &str,
 ) -> Result<(), ConfigError> {
-    let keys: Vec<String> =
-        name[ENV_PREFIX.len()..].split("__").map(|k| k.to_ascii_lowercase()).collect();
+    let keys: Vec<String> = name[ENV_PREFIX.len()..]
+        .split("__")
+        .map(|k| k.to_ascii_lowercase())
+        .collect();
     let dotted = keys.join(".");
     if keys.iter().any(String::is_empty) {
-        return Err(ConfigError::new(name, "empty key segment in environment override"));
+        return Err(ConfigError::new(
+            name,
+            "empty key segment in environment override",
+        ));
     }
     let parsed: yaml_serde::Value = yaml_serde::from_str(value)
         .map_err(|e| ConfigError::new(&dotted, format!("from {name}: {e}")))?;
@@ -99,7 +113,10 @@ fn apply_override(
             *node = yaml_serde::Value::Mapping(Default::default());
         }
         let Some(map) = node.as_mapping_mut() else {
-            return Err(ConfigError::new(&dotted, format!("from {name}: parent is not a mapping")));
+            return Err(ConfigError::new(
+                &dotted,
+                format!("from {name}: parent is not a mapping"),
+            ));
         };
         node = map
             .entry(yaml_serde::Value::String(key.clone()))
@@ -185,7 +202,9 @@ impl NodeConfig {
                 "must differ from grpc.listen_addr",
             ));
         }
-        self.discovery.etcd.validate_at(&format!("{prefix}.discovery.etcd"))?;
+        self.discovery
+            .etcd
+            .validate_at(&format!("{prefix}.discovery.etcd"))?;
         self.telemetry.validate_at(&format!("{prefix}.telemetry"))?;
         if self.shutdown.grace_period.is_zero() {
             return Err(ConfigError::new(
@@ -216,7 +235,10 @@ pub struct GrpcConfig {
 
 impl Default for GrpcConfig {
     fn default() -> Self {
-        GrpcConfig { listen_addr: SocketAddr::from(([0, 0, 0, 0], 8081)), advertise_addr: None }
+        GrpcConfig {
+            listen_addr: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            advertise_addr: None,
+        }
     }
 }
 
@@ -230,7 +252,10 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { enabled: true, listen_addr: SocketAddr::from(([0, 0, 0, 0], 9090)) }
+        AdminConfig {
+            enabled: true,
+            listen_addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
+        }
     }
 }
 
@@ -269,7 +294,10 @@ impl Default for EtcdConfig {
 impl EtcdConfig {
     fn validate_at(&self, prefix: &str) -> Result<(), ConfigError> {
         if self.endpoints.is_empty() {
-            return Err(ConfigError::new(format!("{prefix}.endpoints"), "must not be empty"));
+            return Err(ConfigError::new(
+                format!("{prefix}.endpoints"),
+                "must not be empty",
+            ));
         }
         for endpoint in &self.endpoints {
             let rest = endpoint
@@ -322,14 +350,21 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { log_format: LogFormat::Plain, log_filter: "info".into(), otlp_endpoint: None }
+        TelemetryConfig {
+            log_format: LogFormat::Plain,
+            log_filter: "info".into(),
+            otlp_endpoint: None,
+        }
     }
 }
 
 impl TelemetryConfig {
     fn validate_at(&self, prefix: &str) -> Result<(), ConfigError> {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_filter) {
-            return Err(ConfigError::new(format!("{prefix}.log_filter"), e.to_string()));
+            return Err(ConfigError::new(
+                format!("{prefix}.log_filter"),
+                e.to_string(),
+            ));
         }
         if let Some(endpoint) = &self.otlp_endpoint {
             let rest = endpoint
@@ -361,7 +396,10 @@ pub struct ShutdownConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig { drain_delay: Duration::from_secs(2), grace_period: Duration::from_secs(25) }
+        ShutdownConfig {
+            drain_delay: Duration::from_secs(2),
+            grace_period: Duration::from_secs(25),
+        }
     }
 }
 
@@ -383,21 +421,30 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn empty_file_gives_defaults() {
         let config: TestConfig = load_from("", env(&[])).unwrap();
         assert_eq!(config.node.grpc.listen_addr.port(), 8081);
-        assert_eq!(config.node.discovery.etcd.lease_ttl, Duration::from_secs(10));
+        assert_eq!(
+            config.node.discovery.etcd.lease_ttl,
+            Duration::from_secs(10)
+        );
     }
 
     #[test]
     fn file_values_and_durations_parse() {
         let yaml = "node:\n  grpc:\n    listen_addr: 127.0.0.1:7000\n  discovery:\n    etcd:\n      lease_ttl: 3s\nthreads: 4\n";
         let config: TestConfig = load_from(yaml, env(&[])).unwrap();
-        assert_eq!(config.node.grpc.listen_addr, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(
+            config.node.grpc.listen_addr,
+            "127.0.0.1:7000".parse().unwrap()
+        );
         assert_eq!(config.node.discovery.etcd.lease_ttl, Duration::from_secs(3));
         assert_eq!(config.threads, 4);
     }
@@ -405,7 +452,7 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let err = load_from::<TestConfig>("node:\n  grpc:\n    listen: 1\n", env(&[])).unwrap_err();
-        assert_eq!(err.key, "node.grpc");
+        assert_eq!(err.key, "node.grpc.listen");
         assert!(err.message.contains("unknown field `listen`"), "{err}");
     }
 
@@ -421,7 +468,10 @@ mod tests {
             "threads: 1\n",
             env(&[
                 ("LMGRID__THREADS", "8"),
-                ("LMGRID__NODE__DISCOVERY__ETCD__ENDPOINTS", "[http://10.0.0.1:2379, 10.0.0.2:2379]"),
+                (
+                    "LMGRID__NODE__DISCOVERY__ETCD__ENDPOINTS",
+                    "[http://10.0.0.1:2379, 10.0.0.2:2379]",
+                ),
                 ("UNRELATED", "x"),
             ]),
         )
@@ -438,17 +488,24 @@ mod tests {
 
     #[test]
     fn validation_names_the_key() {
-        let err = load_from::<TestConfig>("node:\n  discovery:\n    etcd:\n      lease_ttl: 1s\n", env(&[]))
-            .unwrap_err();
+        let err = load_from::<TestConfig>(
+            "node:\n  discovery:\n    etcd:\n      lease_ttl: 1s\n",
+            env(&[]),
+        )
+        .unwrap_err();
         assert_eq!(err.key, "node.discovery.etcd.lease_ttl");
-        let err = load_from::<TestConfig>("node:\n  discovery:\n    etcd:\n      endpoints: []\n", env(&[]))
-            .unwrap_err();
+        let err = load_from::<TestConfig>(
+            "node:\n  discovery:\n    etcd:\n      endpoints: []\n",
+            env(&[]),
+        )
+        .unwrap_err();
         assert_eq!(err.key, "node.discovery.etcd.endpoints");
         let err = load_from::<TestConfig>("node:\n  grpc:\n    advertise_addr: nohost\n", env(&[]))
             .unwrap_err();
         assert_eq!(err.key, "node.grpc.advertise_addr");
-        let err = load_from::<TestConfig>("node:\n  telemetry:\n    otlp_endpoint: nope\n", env(&[]))
-            .unwrap_err();
+        let err =
+            load_from::<TestConfig>("node:\n  telemetry:\n    otlp_endpoint: nope\n", env(&[]))
+                .unwrap_err();
         assert_eq!(err.key, "node.telemetry.otlp_endpoint");
     }
 

@@ -192,7 +192,11 @@ mod tests {
     #[test]
     fn every_kind_round_trips_through_its_grpc_code() {
         for kind in ALL {
-            assert_eq!(ErrorKind::from_grpc_code(kind.grpc_code()), kind, "{kind:?}");
+            assert_eq!(
+                ErrorKind::from_grpc_code(kind.grpc_code()),
+                kind,
+                "{kind:?}"
+            );
         }
     }
 

@@ -28,11 +28,20 @@ pub enum EtcdError {
     #[error("connect to etcd at {endpoints}: {message}")]
     Connect { endpoints: String, message: String },
     #[error("etcd {action}: {status}")]
-    Rpc { action: &'static str, status: tonic::Status },
+    Rpc {
+        action: &'static str,
+        status: tonic::Status,
+    },
     #[error("etcd {action}: no answer within {timeout:?}")]
-    Timeout { action: &'static str, timeout: Duration },
+    Timeout {
+        action: &'static str,
+        timeout: Duration,
+    },
     #[error("etcd {action}: {message}")]
-    Refused { action: &'static str, message: String },
+    Refused {
+        action: &'static str,
+        message: String,
+    },
 }
 
 /// A connection to an etcd cluster. Cloning shares the channel.
@@ -50,9 +59,16 @@ impl EtcdClient {
         let joined = config.endpoints.join(",");
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for url in &config.endpoints {
-            let url = if url.contains("://") { url.clone() } else { format!("http://{url}") };
+            let url = if url.contains("://") {
+                url.clone()
+            } else {
+                format!("http://{url}")
+            };
             let endpoint = Endpoint::from_shared(url)
-                .map_err(|e| EtcdError::Connect { endpoints: joined.clone(), message: e.to_string() })?
+                .map_err(|e| EtcdError::Connect {
+                    endpoints: joined.clone(),
+                    message: e.to_string(),
+                })?
                 .connect_timeout(config.connect_timeout)
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5))
@@ -74,7 +90,10 @@ impl EtcdClient {
         let mut kv = client.kv.clone();
         match tokio::time::timeout(config.connect_timeout, kv.range(probe)).await {
             Ok(Ok(_)) => Ok(client),
-            Ok(Err(status)) => Err(EtcdError::Connect { endpoints: joined, message: status.to_string() }),
+            Ok(Err(status)) => Err(EtcdError::Connect {
+                endpoints: joined,
+                message: status.to_string(),
+            }),
             Err(_) => Err(EtcdError::Connect {
                 endpoints: joined,
                 message: format!("no answer within {:?}", config.connect_timeout),
@@ -90,7 +109,10 @@ impl EtcdClient {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(EtcdError::Rpc { action, status }),
-            Err(_) => Err(EtcdError::Timeout { action, timeout: self.timeout }),
+            Err(_) => Err(EtcdError::Timeout {
+                action,
+                timeout: self.timeout,
+            }),
         }
     }
 
@@ -109,14 +131,27 @@ impl EtcdClient {
 
     /// One key, if present.
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let request = pb::RangeRequest { key: key.as_bytes().to_vec(), ..Default::default() };
+        let request = pb::RangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..Default::default()
+        };
         let mut kv = self.kv.clone();
-        Ok(self.unary("range", kv.range(request)).await?.kvs.into_iter().next())
+        Ok(self
+            .unary("range", kv.range(request))
+            .await?
+            .kvs
+            .into_iter()
+            .next())
     }
 
     /// Writes a key, attached to `lease` unless it is 0. Returns the revision.
     pub async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<i64> {
-        let request = pb::PutRequest { key: key.as_bytes().to_vec(), value, lease, prev_kv: false };
+        let request = pb::PutRequest {
+            key: key.as_bytes().to_vec(),
+            value,
+            lease,
+            prev_kv: false,
+        };
         let mut kv = self.kv.clone();
         let response = self.unary("put", kv.put(request)).await?;
         Ok(response.header.map_or(0, |h| h.revision))
@@ -124,19 +159,32 @@ impl EtcdClient {
 
     /// Deletes a key; returns how many keys were deleted.
     pub async fn delete(&self, key: &str) -> Result<i64> {
-        let request = pb::DeleteRangeRequest { key: key.as_bytes().to_vec(), ..Default::default() };
+        let request = pb::DeleteRangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..Default::default()
+        };
         let mut kv = self.kv.clone();
-        Ok(self.unary("delete", kv.delete_range(request)).await?.deleted)
+        Ok(self
+            .unary("delete", kv.delete_range(request))
+            .await?
+            .deleted)
     }
 
     /// Grants a lease of `ttl` (rounded up to whole seconds).
     pub async fn grant(&self, ttl: Duration) -> Result<i64> {
         let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let mut lease = self.lease.clone();
-        let response =
-            self.unary("grant lease", lease.lease_grant(pb::LeaseGrantRequest { ttl, id: 0 })).await?;
+        let response = self
+            .unary(
+                "grant lease",
+                lease.lease_grant(pb::LeaseGrantRequest { ttl, id: 0 }),
+            )
+            .await?;
         if !response.error.is_empty() {
-            return Err(EtcdError::Refused { action: "grant lease", message: response.error });
+            return Err(EtcdError::Refused {
+                action: "grant lease",
+                message: response.error,
+            });
         }
         Ok(response.id)
     }
@@ -144,7 +192,11 @@ impl EtcdClient {
     /// Revokes a lease, deleting every key attached to it.
     pub async fn revoke(&self, id: i64) -> Result<()> {
         let mut lease = self.lease.clone();
-        self.unary("revoke lease", lease.lease_revoke(pb::LeaseRevokeRequest { id })).await?;
+        self.unary(
+            "revoke lease",
+            lease.lease_revoke(pb::LeaseRevokeRequest { id }),
+        )
+        .await?;
         Ok(())
     }
 
@@ -155,9 +207,18 @@ impl EtcdClient {
         // first request must be queued before the call is awaited.
         let _ = tx.try_send(pb::LeaseKeepAliveRequest { id });
         let mut lease = self.lease.clone();
-        let responses =
-            self.unary("keep lease alive", lease.lease_keep_alive(ReceiverStream::new(rx))).await?;
-        Ok(KeepAlive { id, tx, responses, first_sent: true })
+        let responses = self
+            .unary(
+                "keep lease alive",
+                lease.lease_keep_alive(ReceiverStream::new(rx)),
+            )
+            .await?;
+        Ok(KeepAlive {
+            id,
+            tx,
+            responses,
+            first_sent: true,
+        })
     }
 
     /// Watches every key under `prefix` from `start_revision` on.
@@ -173,7 +234,9 @@ impl EtcdClient {
             request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)),
         });
         let mut watch = self.watch.clone();
-        let responses = self.unary("watch", watch.watch(ReceiverStream::new(rx))).await?;
+        let responses = self
+            .unary("watch", watch.watch(ReceiverStream::new(rx)))
+            .await?;
         Ok(WatchStream { _tx: tx, responses })
     }
 }
@@ -192,9 +255,13 @@ impl KeepAlive {
     /// 0 when the lease no longer exists.
     pub async fn renew(&mut self) -> Result<i64> {
         if !std::mem::take(&mut self.first_sent) {
-            self.tx.send(pb::LeaseKeepAliveRequest { id: self.id }).await.map_err(|_| {
-                EtcdError::Refused { action: "keep lease alive", message: "stream closed".into() }
-            })?;
+            self.tx
+                .send(pb::LeaseKeepAliveRequest { id: self.id })
+                .await
+                .map_err(|_| EtcdError::Refused {
+                    action: "keep lease alive",
+                    message: "stream closed".into(),
+                })?;
         }
         match self.responses.message().await {
             Ok(Some(response)) => Ok(response.ttl),
@@ -202,7 +269,10 @@ impl KeepAlive {
                 action: "keep lease alive",
                 message: "stream ended".into(),
             }),
-            Err(status) => Err(EtcdError::Rpc { action: "keep lease alive", status }),
+            Err(status) => Err(EtcdError::Rpc {
+                action: "keep lease alive",
+                status,
+            }),
         }
     }
 }
@@ -217,7 +287,13 @@ pub struct WatchStream {
 impl WatchStream {
     /// The next batch of events; `None` when the stream ended.
     pub async fn next(&mut self) -> Result<Option<pb::WatchResponse>> {
-        self.responses.message().await.map_err(|status| EtcdError::Rpc { action: "watch", status })
+        self.responses
+            .message()
+            .await
+            .map_err(|status| EtcdError::Rpc {
+                action: "watch",
+                status,
+            })
     }
 }
 

@@ -58,7 +58,9 @@ impl Default for Readiness {
 
 impl Readiness {
     pub fn new() -> Self {
-        Readiness { state: Arc::new(watch::Sender::new(ReadyState::default())) }
+        Readiness {
+            state: Arc::new(watch::Sender::new(ReadyState::default())),
+        }
     }
 
     /// Holds readiness back until the returned latch is released.
@@ -66,7 +68,10 @@ impl Readiness {
         self.state.send_modify(|s| {
             s.pending.insert(component.to_string());
         });
-        Latch { readiness: self.clone(), component: component.to_string() }
+        Latch {
+            readiness: self.clone(),
+            component: component.to_string(),
+        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -129,18 +134,23 @@ async fn livez() -> &'static str {
 
 async fn readyz(State(readiness): State<Readiness>) -> impl IntoResponse {
     let state = readiness.state();
-    let status = if state.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if state.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, format!("{}\n", state.describe()))
 }
 
 async fn metrics_text() -> impl IntoResponse {
     match metrics::encode() {
-        Ok(text) => {
-            ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
-        }
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
         Err(error) => {
             tracing::error!(%error, "encode metrics");
-            (StatusCode::INTERNAL_SERVER_ERROR, format!("encode metrics: {error}\n"))
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("encode metrics: {error}\n"),
+            )
                 .into_response()
         }
     }
@@ -156,7 +166,10 @@ mod tests {
         assert!(readiness.is_ready(), "nothing to wait for");
         let grpc = readiness.latch("grpc");
         let models = readiness.latch("models");
-        assert_eq!(readiness.state().describe(), "not ready: waiting for grpc, models");
+        assert_eq!(
+            readiness.state().describe(),
+            "not ready: waiting for grpc, models"
+        );
         grpc.release();
         assert!(!readiness.is_ready());
         models.release();
@@ -184,6 +197,9 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
         latch.release();
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

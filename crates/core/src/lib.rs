@@ -10,11 +10,12 @@
 
 pub mod config;
 pub mod discovery;
-pub mod etcd;
 pub mod error;
+pub mod etcd;
 pub mod health;
 pub mod metrics;
 pub mod node;
+pub mod oip;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -31,7 +31,10 @@ pub fn register<C: prometheus::core::Collector + Clone + 'static>(collector: C) 
 static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register(
         IntGaugeVec::new(
-            Opts::new("lmgrid_build_info", "Always 1; labels carry the service and version."),
+            Opts::new(
+                "lmgrid_build_info",
+                "Always 1; labels carry the service and version.",
+            ),
             &["service", "version"],
         )
         .expect("valid metric"),
@@ -41,7 +44,10 @@ static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 static READY: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register(
         IntGaugeVec::new(
-            Opts::new("lmgrid_ready", "1 when the instance is ready to serve, else 0."),
+            Opts::new(
+                "lmgrid_ready",
+                "1 when the instance is ready to serve, else 0.",
+            ),
             &["service", "instance"],
         )
         .expect("valid metric"),
@@ -76,19 +82,27 @@ static MEMBERS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 
 /// Records that a service instance is running this build.
 pub fn build_info(service: &str) {
-    BUILD_INFO.with_label_values(&[service, crate::VERSION]).set(1);
+    BUILD_INFO
+        .with_label_values(&[service, crate::VERSION])
+        .set(1);
 }
 
 pub fn ready(service: &str, instance: &str, ready: bool) {
-    READY.with_label_values(&[service, instance]).set(i64::from(ready));
+    READY
+        .with_label_values(&[service, instance])
+        .set(i64::from(ready));
 }
 
 pub fn registered(service: &str, instance: &str, registered: bool) {
-    REGISTERED.with_label_values(&[service, instance]).set(i64::from(registered));
+    REGISTERED
+        .with_label_values(&[service, instance])
+        .set(i64::from(registered));
 }
 
 pub fn discovery_members(service: &str, count: usize) {
-    MEMBERS.with_label_values(&[service]).set(i64::try_from(count).unwrap_or(i64::MAX));
+    MEMBERS
+        .with_label_values(&[service])
+        .set(i64::try_from(count).unwrap_or(i64::MAX));
 }
 
 /// The whole registry in the text exposition format.
@@ -108,6 +122,9 @@ mod tests {
         ready("test-service", "i-1", true);
         let text = encode().unwrap();
         assert!(text.contains("# TYPE lmgrid_build_info gauge"), "{text}");
-        assert!(text.contains("lmgrid_ready{instance=\"i-1\",service=\"test-service\"} 1"), "{text}");
+        assert!(
+            text.contains("lmgrid_ready{instance=\"i-1\",service=\"test-service\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tracing::Instrument;
 
 use crate::config::NodeConfig;
 use crate::discovery::{Discovery, EtcdDiscovery, Instance, Registration};
@@ -36,9 +37,8 @@ pub struct Node {
     readiness: Readiness,
     discovery: Arc<dyn Discovery>,
     health: HealthReporter,
-    health_service: tonic_health::pb::health_server::HealthServer<
-        tonic_health::server::HealthService,
-    >,
+    health_service:
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     instance_updates: Option<watch::Receiver<Instance>>,
 }
 
@@ -77,8 +77,13 @@ impl Node {
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
         );
         // Nothing is serving until readiness says so.
-        health.set_service_status("", ServingStatus::NotServing).await;
-        let id = config.instance_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let id = config
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         metrics::build_info(service);
         metrics::ready(service, &id, false);
         Ok(Node {
@@ -112,7 +117,9 @@ impl Node {
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_listener.as_ref().and_then(|l| l.local_addr().ok())
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn readiness(&self) -> &Readiness {
@@ -157,6 +164,11 @@ impl Node {
     /// Serves until `shutdown` fires, then shuts down in order. Returns an
     /// error if a server fails or registration is impossible.
     pub async fn run(self, routes: Routes, shutdown: CancellationToken) -> Result<()> {
+        let span = tracing::info_span!("node", service = self.service, instance = %self.id);
+        self.serve(routes, shutdown).instrument(span).await
+    }
+
+    async fn serve(self, routes: Routes, shutdown: CancellationToken) -> Result<()> {
         let Node {
             service,
             grpc_services,
@@ -172,19 +184,23 @@ impl Node {
             health_service,
             mut instance_updates,
         } = self;
-        let span = tracing::info_span!("node", service, instance = %id);
-        let _entered = span.enter();
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(lmgrid_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .map_err(|e| Error::Serve { what: "gRPC reflection", message: e.to_string() })?;
+            .map_err(|e| Error::Serve {
+                what: "gRPC reflection",
+                message: e.to_string(),
+            })?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(lmgrid_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
-            .map_err(|e| Error::Serve { what: "gRPC reflection", message: e.to_string() })?;
+            .map_err(|e| Error::Serve {
+                what: "gRPC reflection",
+                message: e.to_string(),
+            })?;
 
         // Servers stop accepting on `stop_accepting`; the admin server lives
         // until the very end so probes see the whole drain.
@@ -200,15 +216,21 @@ impl Node {
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha);
-            tokio::spawn(async move {
-                router
-                    .serve_with_incoming_shutdown(
-                        TcpListenerStream::new(grpc_listener),
-                        stop.cancelled_owned(),
-                    )
-                    .await
-                    .map_err(|e| Error::Serve { what: "gRPC", message: e.to_string() })
-            })
+            tokio::spawn(
+                async move {
+                    router
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(grpc_listener),
+                            stop.cancelled_owned(),
+                        )
+                        .await
+                        .map_err(|e| Error::Serve {
+                            what: "gRPC",
+                            message: e.to_string(),
+                        })
+                }
+                .in_current_span(),
+            )
         };
         // The listener was bound before the task started, so connections are
         // already being queued and will be served.
@@ -219,20 +241,27 @@ impl Node {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "admin HTTP server listening");
             }
-            spawn_http(listener, admin_router(readiness.clone()), stop_admin.clone())
+            spawn_http(
+                listener,
+                admin_router(readiness.clone()),
+                stop_admin.clone(),
+            )
         });
         let http_tasks: Vec<_> = http
             .into_iter()
             .map(|(listener, router)| spawn_http(listener, router, stop_accepting.clone()))
             .collect();
 
-        let health_task = tokio::spawn(follow_readiness(
-            readiness.clone(),
-            health.clone(),
-            service,
-            grpc_services.clone(),
-            id.clone(),
-        ));
+        let health_task = tokio::spawn(
+            follow_readiness(
+                readiness.clone(),
+                health.clone(),
+                service,
+                grpc_services.clone(),
+                id.clone(),
+            )
+            .in_current_span(),
+        );
 
         // Register only once ready, so routers never see an instance that
         // cannot serve yet.
@@ -360,9 +389,15 @@ async fn wait_update(updates: &mut Option<watch::Receiver<Instance>>) -> Option<
 
 fn flatten(result: Result<Result<()>, tokio::task::JoinError>) -> Error {
     match result {
-        Ok(Ok(())) => Error::Serve { what: "gRPC", message: "server stopped unexpectedly".into() },
+        Ok(Ok(())) => Error::Serve {
+            what: "gRPC",
+            message: "server stopped unexpectedly".into(),
+        },
         Ok(Err(error)) => error,
-        Err(join) => Error::Serve { what: "gRPC", message: join.to_string() },
+        Err(join) => Error::Serve {
+            what: "gRPC",
+            message: join.to_string(),
+        },
     }
 }
 
@@ -370,7 +405,10 @@ fn flatten_ok(result: Result<Result<()>, tokio::task::JoinError>) -> Result<()> 
     match result {
         Ok(inner) => inner,
         Err(join) if join.is_cancelled() => Ok(()),
-        Err(join) => Err(Error::Serve { what: "gRPC", message: join.to_string() }),
+        Err(join) => Err(Error::Serve {
+            what: "gRPC",
+            message: join.to_string(),
+        }),
     }
 }
 
@@ -386,8 +424,15 @@ async fn follow_readiness(
     let mut state = readiness.subscribe();
     loop {
         let ready = state.borrow_and_update().is_ready();
-        let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
-        for name in std::iter::once("").chain(std::iter::once(service)).chain(grpc_services.iter().copied()) {
+        let status = if ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in std::iter::once("")
+            .chain(std::iter::once(service))
+            .chain(grpc_services.iter().copied())
+        {
             health.set_service_status(name, status).await;
         }
         metrics::ready(service, &id, ready);
@@ -398,22 +443,29 @@ async fn follow_readiness(
 }
 
 fn spawn_http(listener: TcpListener, router: Router, stop: CancellationToken) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        {
-            tracing::error!(%error, "HTTP server failed");
+    tokio::spawn(
+        async move {
+            if let Err(error) = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+            {
+                tracing::error!(%error, "HTTP server failed");
+            }
         }
-    })
+        .in_current_span(),
+    )
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { what, addr, source })
 }
 
 fn local_addr(what: &'static str, listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr> {
-    listener.local_addr().map_err(|source| Error::Bind { what, addr, source })
+    listener
+        .local_addr()
+        .map_err(|source| Error::Bind { what, addr, source })
 }
 
 /// Binds an HTTP listener with the same error reporting as the node's own.

@@ -18,7 +18,10 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(signal = name, "shutting down gracefully; send it again to exit at once");
+        tracing::info!(
+            signal = name,
+            "shutting down gracefully; send it again to exit at once"
+        );
         cancel.cancel();
         tokio::select! {
             _ = term.recv() => {},

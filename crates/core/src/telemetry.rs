@@ -74,13 +74,22 @@ async fn otlp_provider(endpoint: &str, service_name: &str) -> Result<SdkTracerPr
         .trim_start_matches("http://")
         .trim_start_matches("https://")
         .trim_end_matches('/');
-    match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(authority)).await {
+    match tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect(authority),
+    )
+    .await
+    {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
-            return Err(Error::Telemetry(format!("cannot reach OTLP endpoint {endpoint}: {e}")));
+            return Err(Error::Telemetry(format!(
+                "cannot reach OTLP endpoint {endpoint}: {e}"
+            )));
         }
         Err(_) => {
-            return Err(Error::Telemetry(format!("cannot reach OTLP endpoint {endpoint}: timed out")));
+            return Err(Error::Telemetry(format!(
+                "cannot reach OTLP endpoint {endpoint}: timed out"
+            )));
         }
     }
     let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -114,9 +123,10 @@ struct HeaderInjector<'a>(&'a mut http::HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) =
-            (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value))
-        {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
             self.0.insert(name, value);
         }
     }
@@ -194,13 +204,18 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert(
             "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
         );
         let context = extract_context(&headers);
         let span = context.span();
         let span_context = span.span_context();
         assert!(span_context.is_valid());
-        assert_eq!(span_context.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            span_context.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         assert!(span_context.is_remote());
     }
 
@@ -226,6 +241,9 @@ mod tests {
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         );
         let back = extract_context(&headers);
-        assert_eq!(back.span().span_context().span_id().to_string(), "b7ad6b7169203331");
+        assert_eq!(
+            back.span().span_context().span_id().to_string(),
+            "b7ad6b7169203331"
+        );
     }
 }

@@ -34,7 +34,11 @@ impl EtcdDiscovery {
     /// Connects and checks that etcd answers, within `connect_timeout`.
     pub async fn connect(config: &EtcdConfig) -> Result<Self> {
         let client = EtcdClient::connect(config).await?;
-        Ok(EtcdDiscovery { client, prefix: config.prefix.clone(), lease_ttl: config.lease_ttl })
+        Ok(EtcdDiscovery {
+            client,
+            prefix: config.prefix.clone(),
+            lease_ttl: config.lease_ttl,
+        })
     }
 
     /// The client, for other etcd users of the same connection.
@@ -83,7 +87,13 @@ impl Discovery for EtcdDiscovery {
         let (members, revision) = list(&self.client, &prefix).await?;
         metrics::discovery_members(service, members.len());
         let (tx, rx) = watch::channel(Arc::new(members));
-        tokio::spawn(watch_loop(self.client.clone(), service.to_string(), prefix, revision, tx));
+        tokio::spawn(watch_loop(
+            self.client.clone(),
+            service.to_string(),
+            prefix,
+            revision,
+            tx,
+        ));
         Ok(Membership::new(service, rx))
     }
 }
@@ -168,7 +178,9 @@ impl Registration for EtcdRegistration {
     async fn update(&mut self, instance: Instance) -> Result<()> {
         let value = serde_json::to_vec(&instance)?;
         *self.value.lock().unwrap_or_else(|e| e.into_inner()) = value.clone();
-        self.client.put(&self.key, value, self.lease.load(Ordering::SeqCst)).await?;
+        self.client
+            .put(&self.key, value, self.lease.load(Ordering::SeqCst))
+            .await?;
         self.instance = instance;
         Ok(())
     }
@@ -200,7 +212,10 @@ impl Drop for EtcdRegistration {
 
 async fn list(client: &EtcdClient, prefix: &str) -> Result<(BTreeMap<String, Instance>, i64)> {
     let (kvs, revision) = client.get_prefix(prefix).await?;
-    let members = kvs.iter().filter_map(|kv| decode(prefix, &kv.key, &kv.value)).collect();
+    let members = kvs
+        .iter()
+        .filter_map(|kv| decode(prefix, &kv.key, &kv.value))
+        .collect();
     Ok((members, revision))
 }
 
@@ -228,7 +243,11 @@ async fn watch_loop(
         let Some(reason) = watch_from(&client, &service, &prefix, &mut revision, &tx).await else {
             return;
         };
-        tracing::warn!(service, reason, "discovery watch interrupted; listing again");
+        tracing::warn!(
+            service,
+            reason,
+            "discovery watch interrupted; listing again"
+        );
         loop {
             tokio::select! {
                 _ = tx.closed() => return,
@@ -287,8 +306,9 @@ async fn watch_from(
                 let Some(kv) = &event.kv else { continue };
                 *revision = (*revision).max(kv.mod_revision);
                 if event.r#type == EventType::Delete as i32 {
-                    if let Some(id) =
-                        std::str::from_utf8(&kv.key).ok().and_then(|k| k.strip_prefix(prefix))
+                    if let Some(id) = std::str::from_utf8(&kv.key)
+                        .ok()
+                        .and_then(|k| k.strip_prefix(prefix))
                     {
                         members.remove(id);
                     }

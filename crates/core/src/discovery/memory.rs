@@ -33,7 +33,11 @@ impl Discovery for MemoryDiscovery {
     async fn register(&self, instance: Instance) -> Result<Box<dyn Registration>> {
         let sender = self.sender(&instance.service);
         publish(&sender, &instance);
-        Ok(Box::new(MemoryRegistration { sender, instance, active: true }))
+        Ok(Box::new(MemoryRegistration {
+            sender,
+            instance,
+            active: true,
+        }))
     }
 
     async fn watch(&self, service: &str) -> Result<Membership> {
@@ -121,7 +125,10 @@ mod tests {
         assert_eq!(members["a"].address, "127.0.0.1:7001");
 
         let mut loaded = instance("a");
-        loaded.load = Some(Load { in_flight: 3, ..Load::default() });
+        loaded.load = Some(Load {
+            in_flight: 3,
+            ..Load::default()
+        });
         a.update(loaded).await.unwrap();
         let members = membership
             .wait_for(|m| m.get("a").is_some_and(|i| i.load.is_some()))
@@ -133,6 +140,13 @@ mod tests {
         drop(b);
         membership.wait_for(|m| m.is_empty()).await.unwrap();
         // Other services are separate tables.
-        assert!(discovery.watch("gateway").await.unwrap().members().is_empty());
+        assert!(
+            discovery
+                .watch("gateway")
+                .await
+                .unwrap()
+                .members()
+                .is_empty()
+        );
     }
 }

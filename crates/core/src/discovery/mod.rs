@@ -117,7 +117,10 @@ pub struct Membership {
 
 impl Membership {
     pub(crate) fn new(service: &str, rx: watch::Receiver<Members>) -> Self {
-        Membership { service: service.to_string(), rx }
+        Membership {
+            service: service.to_string(),
+            rx,
+        }
     }
 
     pub fn service(&self) -> &str {

@@ -1,0 +1,149 @@
+//! The gateway's gRPC APIs: today the server-level Open Inference Protocol;
+//! the model RPCs and lmgrid's APIs are proxied to workers with the gateway
+//! issue.
+
+use std::pin::Pin;
+
+use lmgrid_core::error::not_yet_implemented;
+use lmgrid_core::health::Readiness;
+use lmgrid_core::oip;
+use lmgrid_proto::inference as oip_pb;
+use lmgrid_proto::lmgrid::v1 as pb;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+const ISSUE: &str = "the gateway issue (routing to workers, tenants, admission)";
+
+#[derive(Debug, Clone)]
+pub(crate) struct GatewayApi {
+    readiness: Readiness,
+}
+
+impl GatewayApi {
+    pub(crate) fn new(readiness: Readiness) -> Self {
+        GatewayApi { readiness }
+    }
+}
+
+#[tonic::async_trait]
+impl oip_pb::grpc_inference_service_server::GrpcInferenceService for GatewayApi {
+    async fn server_live(
+        &self,
+        _: Request<oip_pb::ServerLiveRequest>,
+    ) -> Result<Response<oip_pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(oip::server_live()))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<oip_pb::ServerReadyRequest>,
+    ) -> Result<Response<oip_pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(oip::server_ready(&self.readiness)))
+    }
+
+    async fn model_ready(
+        &self,
+        _: Request<oip_pb::ModelReadyRequest>,
+    ) -> Result<Response<oip_pb::ModelReadyResponse>, Status> {
+        Err(not_yet_implemented("ModelReady", ISSUE))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<oip_pb::ServerMetadataRequest>,
+    ) -> Result<Response<oip_pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(oip::server_metadata()))
+    }
+
+    async fn model_metadata(
+        &self,
+        _: Request<oip_pb::ModelMetadataRequest>,
+    ) -> Result<Response<oip_pb::ModelMetadataResponse>, Status> {
+        Err(not_yet_implemented("ModelMetadata", ISSUE))
+    }
+
+    async fn model_infer(
+        &self,
+        _: Request<oip_pb::ModelInferRequest>,
+    ) -> Result<Response<oip_pb::ModelInferResponse>, Status> {
+        Err(not_yet_implemented("ModelInfer", ISSUE))
+    }
+}
+
+type GenerateStream =
+    Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::generation_service_server::GenerationService for GatewayApi {
+    type GenerateStreamStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        _: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        Err(not_yet_implemented("Generate", ISSUE))
+    }
+
+    async fn generate_stream(
+        &self,
+        _: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        Err(not_yet_implemented("GenerateStream", ISSUE))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::embedding_service_server::EmbeddingService for GatewayApi {
+    async fn embed(
+        &self,
+        _: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        Err(not_yet_implemented("Embed", ISSUE))
+    }
+}
+
+type WatchJobStream = Pin<Box<dyn Stream<Item = Result<pb::Job, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for GatewayApi {
+    type WatchJobStream = WatchJobStream;
+
+    async fn submit_job(
+        &self,
+        _: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        Err(not_yet_implemented("SubmitJob", ISSUE))
+    }
+
+    async fn get_job(&self, _: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        Err(not_yet_implemented("GetJob", ISSUE))
+    }
+
+    async fn list_jobs(
+        &self,
+        _: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        Err(not_yet_implemented("ListJobs", ISSUE))
+    }
+
+    async fn cancel_job(
+        &self,
+        _: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        Err(not_yet_implemented("CancelJob", ISSUE))
+    }
+
+    async fn watch_job(
+        &self,
+        _: Request<pb::GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        Err(not_yet_implemented("WatchJob", ISSUE))
+    }
+
+    async fn get_job_result(
+        &self,
+        _: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobResult>, Status> {
+        Err(not_yet_implemented("GetJobResult", ISSUE))
+    }
+}
