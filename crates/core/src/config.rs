@@ -128,7 +128,7 @@ fn apply_override(
 
 /// Settings every service node shares: identity, ports, discovery, telemetry
 /// and shutdown.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
     /// Unique id of this instance; defaults to a random UUID.
@@ -144,21 +144,6 @@ pub struct NodeConfig {
     /// never read from a file).
     #[serde(skip)]
     pub in_process_discovery: Option<Arc<dyn Discovery>>,
-}
-
-impl Default for NodeConfig {
-    fn default() -> Self {
-        NodeConfig {
-            instance_id: None,
-            zone: None,
-            grpc: GrpcConfig::default(),
-            admin: AdminConfig::default(),
-            discovery: DiscoveryConfig::default(),
-            telemetry: TelemetryConfig::default(),
-            shutdown: ShutdownConfig::default(),
-            in_process_discovery: None,
-        }
-    }
 }
 
 impl std::fmt::Debug for NodeConfig {
