@@ -311,8 +311,13 @@ impl Node {
             }
         }
 
-        // 1. Fail readiness: probes and gRPC health turn NOT_SERVING.
+        // 1. Fail readiness: probes and gRPC health turn NOT_SERVING. gRPC health is set
+        // here too rather than left to `follow_readiness`, which may run later, so that no
+        // client ever sees a deregistered instance still SERVING.
+        health_task.abort();
         readiness.set_draining();
+        report_health(&health, service, &grpc_services, ServingStatus::NotServing).await;
+        metrics::ready(service, &id, false);
         tracing::info!("draining: readiness failed");
         // 2. Deregister, so routers stop sending new work here.
         if let Some(registration) = registration.take() {
@@ -355,7 +360,6 @@ impl Node {
         if let Some(task) = admin_task {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
-        health_task.abort();
         tracing::info!("stopped");
         match failure {
             Some(error) => Err(error),
@@ -429,16 +433,27 @@ async fn follow_readiness(
         } else {
             ServingStatus::NotServing
         };
-        for name in std::iter::once("")
-            .chain(std::iter::once(service))
-            .chain(grpc_services.iter().copied())
-        {
-            health.set_service_status(name, status).await;
-        }
+        report_health(&health, service, &grpc_services, status).await;
         metrics::ready(service, &id, ready);
         if state.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Sets the `grpc.health.v1` status of the whole server (""), the service's
+/// short name, and each gRPC service it serves.
+async fn report_health(
+    health: &HealthReporter,
+    service: &'static str,
+    grpc_services: &[&'static str],
+    status: ServingStatus,
+) {
+    for name in std::iter::once("")
+        .chain(std::iter::once(service))
+        .chain(grpc_services.iter().copied())
+    {
+        health.set_service_status(name, status).await;
     }
 }
 

@@ -181,7 +181,10 @@ async fn up(
         "notification",
         notification.run(internal_shutdown.clone()),
     ));
-    let gateway_shutdown = shutdown.child_token();
+    // Not a child of `shutdown`: the gateway must start draining only after the select
+    // below has seen the signal, or its clean exit would race the signal and be taken for
+    // a failure.
+    let gateway_shutdown = CancellationToken::new();
     let mut gateway_task = tokio::spawn(gateway.run(gateway_shutdown.clone()));
 
     let mut failure: Option<anyhow::Error> = None;
