@@ -9,6 +9,7 @@
 //! stop accepting, drain under a grace timeout).
 
 pub mod config;
+pub mod deadline;
 pub mod discovery;
 pub mod error;
 pub mod etcd;

@@ -1,18 +1,27 @@
-//! The worker: where models run. It serves the Open Inference Protocol,
-//! lmgrid's generation and embedding APIs, and worker control, registers in
-//! discovery with the models it serves and its load, and (with the worker and
-//! language-model issues) runs ONNX Runtime sessions behind dynamic and
-//! continuous batchers.
+//! The worker: where models run. It loads ONNX models from a model
+//! repository into ONNX Runtime sessions (CPU, or CUDA by config), serves
+//! them through the Open Inference Protocol behind a dynamic batcher per
+//! model version, takes load/unload/reload through worker control, and
+//! registers in discovery with the models it serves and its load.
 //!
-//! Today it serves the server-level protocol truthfully (liveness, readiness,
-//! metadata, an empty model list) and answers the model RPCs
-//! `UNIMPLEMENTED`, saying which issue brings them.
+//! Generation and embeddings (lmgrid.v1) arrive with the language-model
+//! issue and answer `UNIMPLEMENTED` until then.
 
+mod batcher;
+pub mod engine;
 mod grpc;
+mod metrics;
+pub mod models;
+pub mod repository;
+pub mod tensor;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use lmgrid_core::config::{ConfigError, NodeConfig, Validate};
+use lmgrid_core::discovery::Instance;
 use lmgrid_core::node::Node;
 use lmgrid_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use lmgrid_proto::lmgrid::v1::embedding_service_server::EmbeddingServiceServer;
@@ -23,6 +32,10 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+use crate::engine::OnnxRuntimeConfig;
+use crate::models::ModelManager;
+use crate::repository::DirectorySource;
+
 /// The service name in discovery, health and metrics.
 pub const SERVICE: &str = "worker";
 
@@ -31,11 +44,32 @@ pub const SERVICE: &str = "worker";
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub node: NodeConfig,
+    /// A model repository directory (`<model>/config.yaml`,
+    /// `<model>/<version>/model.onnx`); every model in it is loaded at start.
+    pub model_repository: Option<PathBuf>,
+    pub onnxruntime: OnnxRuntimeConfig,
 }
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
-        self.node.validate_at("node")
+        self.node.validate_at("node")?;
+        if let Some(dir) = &self.model_repository
+            && !dir.is_dir()
+        {
+            return Err(ConfigError::new(
+                "model_repository",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        if let Some(path) = &self.onnxruntime.library_path
+            && !path.is_file()
+        {
+            return Err(ConfigError::new(
+                "onnxruntime.library_path",
+                format!("{} is not a file", path.display()),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -43,6 +77,7 @@ impl Validate for Config {
 #[derive(Debug)]
 pub struct Worker {
     node: Node,
+    models: Arc<ModelManager>,
 }
 
 impl Worker {
@@ -58,7 +93,16 @@ impl Worker {
             ],
         )
         .await?;
-        Ok(Worker { node })
+        let source = config
+            .model_repository
+            .map(|dir| Arc::new(DirectorySource::new(dir)) as Arc<dyn repository::ModelSource>);
+        let models = Arc::new(ModelManager::new(source, config.onnxruntime));
+        Ok(Worker { node, models })
+    }
+
+    /// The model table, for tests and embedders.
+    pub fn models(&self) -> Arc<ModelManager> {
+        self.models.clone()
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -75,16 +119,69 @@ impl Worker {
 
     /// Serves until `shutdown`, then drains.
     pub async fn run(self, shutdown: CancellationToken) -> lmgrid_core::Result<()> {
-        let api = grpc::WorkerApi::new(self.node.readiness().clone());
+        let Worker { mut node, models } = self;
+        // Ready once the repository's models were tried: a model that fails
+        // is reported, and the worker serves the others.
+        let loaded = node.readiness().latch("models");
+        let (updates, records) = tokio::sync::watch::channel(node.instance());
+        node.publish_updates(records);
+        let base = node.instance();
+        let background = tokio::spawn({
+            let models = models.clone();
+            async move {
+                models.load_all().await;
+                publish(models, base, updates, loaded).await;
+            }
+        });
+        let api = grpc::WorkerApi::new(node.readiness().clone(), models);
         let routes = Routes::new(GrpcInferenceServiceServer::new(api.clone()))
             .add_service(GenerationServiceServer::new(api.clone()))
             .add_service(EmbeddingServiceServer::new(api.clone()))
             .add_service(WorkerControlServiceServer::new(api));
-        self.node.run(routes, shutdown).await
+        let result = node.run(routes, shutdown).await;
+        background.abort();
+        result
     }
 }
 
 /// Runs a worker until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> lmgrid_core::Result<()> {
     Worker::start(config).await?.run(shutdown).await
+}
+
+/// Keeps the discovery record current: the ready models whenever the table
+/// changes, and the load every 500 ms while it changes.
+async fn publish(
+    models: Arc<ModelManager>,
+    base: Instance,
+    updates: tokio::sync::watch::Sender<Instance>,
+    loaded: lmgrid_core::health::Latch,
+) {
+    let mut loaded = Some(loaded);
+    let mut changes = models.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        let record = Instance {
+            models: models.served(),
+            load: Some(models.load_report()),
+            ..base.clone()
+        };
+        updates.send_if_modified(|current| {
+            if *current == record {
+                false
+            } else {
+                *current = record;
+                true
+            }
+        });
+        // The first record carries the models, so the worker registers with them.
+        if let Some(latch) = loaded.take() {
+            latch.release();
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
+        }
+    }
 }

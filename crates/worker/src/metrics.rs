@@ -1,0 +1,126 @@
+//! The worker's Prometheus metrics, per model and version. Names are listed
+//! in `docs/metrics.md`.
+
+use std::sync::LazyLock;
+
+use lmgrid_core::metrics::register;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
+
+const LABELS: &[&str] = &["model", "version"];
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+}
+
+fn gauge(name: &str, help: &str) -> IntGaugeVec {
+    register(IntGaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"))
+}
+
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
+    register(
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), LABELS)
+            .expect("valid metric"),
+    )
+}
+
+fn seconds() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ]
+}
+
+static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "lmgrid_worker_requests_total",
+        "Inference requests by outcome (ok, or the gRPC code name of the failure).",
+        &["model", "version", "outcome"],
+    )
+});
+static EXECUTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "lmgrid_worker_executions_total",
+        "Model executions (batches run).",
+        LABELS,
+    )
+});
+static QUEUE_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "lmgrid_worker_queue_duration_seconds",
+        "Time a request waited in the batcher queue.",
+        seconds(),
+    )
+});
+static COMPUTE_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "lmgrid_worker_compute_duration_seconds",
+        "Time one model execution took.",
+        seconds(),
+    )
+});
+static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "lmgrid_worker_request_duration_seconds",
+        "End-to-end time of an inference request in the worker.",
+        seconds(),
+    )
+});
+static BATCH_SIZE: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "lmgrid_worker_batch_size",
+        "Rows (batch dimension) per model execution.",
+        vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+    )
+});
+static QUEUE_DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "lmgrid_worker_queue_depth",
+        "Requests waiting in the batcher queue.",
+    )
+});
+static IN_FLIGHT: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "lmgrid_worker_in_flight",
+        "Requests being computed or waiting.",
+    )
+});
+
+/// The metrics of one model version, labelled once.
+#[derive(Debug, Clone)]
+pub(crate) struct VersionMetrics {
+    model: String,
+    version: String,
+    pub(crate) executions: IntCounter,
+    pub(crate) queue_seconds: Histogram,
+    pub(crate) compute_seconds: Histogram,
+    pub(crate) request_seconds: Histogram,
+    pub(crate) batch_size: Histogram,
+    pub(crate) queue_depth: IntGauge,
+    pub(crate) in_flight: IntGauge,
+}
+
+impl VersionMetrics {
+    pub(crate) fn new(model: &str, version: &str) -> Self {
+        let labels = [model, version];
+        VersionMetrics {
+            model: model.to_string(),
+            version: version.to_string(),
+            executions: EXECUTIONS.with_label_values(&labels),
+            queue_seconds: QUEUE_SECONDS.with_label_values(&labels),
+            compute_seconds: COMPUTE_SECONDS.with_label_values(&labels),
+            request_seconds: REQUEST_SECONDS.with_label_values(&labels),
+            batch_size: BATCH_SIZE.with_label_values(&labels),
+            queue_depth: QUEUE_DEPTH.with_label_values(&labels),
+            in_flight: IN_FLIGHT.with_label_values(&labels),
+        }
+    }
+
+    /// Counts a finished request: `outcome` is "ok" or a gRPC code name.
+    pub(crate) fn request(&self, outcome: &str) {
+        REQUESTS
+            .with_label_values(&[&self.model, &self.version, outcome])
+            .inc();
+    }
+}

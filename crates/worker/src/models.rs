@@ -1,0 +1,476 @@
+//! The models a worker serves: loading versions from a [`ModelSource`] into
+//! ONNX Runtime sessions behind a batcher, unloading and reloading them at
+//! run time, and resolving requests to a ready version.
+//!
+//! A model that fails to load is recorded with its reason and never takes the
+//! worker down. Unloading removes a version from the table at once (new
+//! requests get NOT_FOUND) while requests already holding it complete.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use lmgrid_core::discovery::{Load, ServedModel};
+use tokio::sync::watch;
+
+use crate::batcher::{Batcher, Policy};
+use crate::engine::{OnnxRuntimeConfig, Runtime, Signature};
+use crate::metrics::VersionMetrics;
+use crate::repository::{ModelConfig, ModelSource};
+
+/// The state of one model version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionState {
+    Loading,
+    Ready,
+    Failed,
+}
+
+/// What `ListModels` reports for one model version (or a model that failed
+/// before any version could be read: `version` is then empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelStatus {
+    pub name: String,
+    pub version: String,
+    pub state: VersionState,
+    pub error: String,
+    pub execution_provider: String,
+    pub instances: u32,
+}
+
+/// A loaded, ready model version.
+#[derive(Debug)]
+pub struct LoadedVersion {
+    pub name: String,
+    pub version: u64,
+    pub config: ModelConfig,
+    pub signature: Signature,
+    pub provider: String,
+    pub(crate) batcher: Batcher,
+    pub(crate) metrics: VersionMetrics,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Loading,
+    Ready(Arc<LoadedVersion>),
+    Failed(String),
+}
+
+#[derive(Debug, Default)]
+struct ModelEntry {
+    /// Why the model as a whole could not be read (bad config, no versions).
+    failure: Option<String>,
+    versions: BTreeMap<u64, Slot>,
+}
+
+/// Why a request names no ready version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("model '{0}' is not served by this worker")]
+    UnknownModel(String),
+    #[error("model '{name}' has no ready version '{version}' (ready: {ready})")]
+    UnknownVersion {
+        name: String,
+        version: String,
+        ready: String,
+    },
+}
+
+/// Why a load or unload request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManageError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The model table of a worker.
+#[derive(Debug)]
+pub struct ModelManager {
+    source: Option<Arc<dyn ModelSource>>,
+    runtime: OnnxRuntimeConfig,
+    table: RwLock<BTreeMap<String, ModelEntry>>,
+    /// Bumped on every change, for re-registration.
+    changes: watch::Sender<u64>,
+    /// Serializes loads and unloads so two never race on one model.
+    admin: tokio::sync::Mutex<()>,
+}
+
+impl ModelManager {
+    pub fn new(source: Option<Arc<dyn ModelSource>>, runtime: OnnxRuntimeConfig) -> Self {
+        ModelManager {
+            source,
+            runtime,
+            table: RwLock::new(BTreeMap::new()),
+            changes: watch::Sender::new(0),
+            admin: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ModelEntry>> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, ModelEntry>> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Notifies on every change of the table.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Loads every model of the source. Failures are recorded, not returned.
+    pub async fn load_all(&self) {
+        let Some(source) = self.source.clone() else {
+            return;
+        };
+        let names = match tokio::task::spawn_blocking(move || source.list()).await {
+            Ok(Ok(names)) => names,
+            Ok(Err(error)) => {
+                tracing::error!(error, "list the model repository");
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%error, "list the model repository");
+                return;
+            }
+        };
+        for name in names {
+            if let Err(error) = self.load(&name, None).await {
+                tracing::warn!(model = name, %error, "model not loaded");
+            }
+        }
+    }
+
+    /// Loads (or reloads) a model: the versions its policy selects, or just
+    /// `version`. Versions no longer selected are unloaded.
+    pub async fn load(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<Vec<ModelStatus>, ManageError> {
+        let _admin = self.admin.lock().await;
+        let source = self
+            .source
+            .clone()
+            .ok_or_else(|| ManageError::NotFound("this worker has no model repository".into()))?;
+        let model = name.to_string();
+        let files = tokio::task::spawn_blocking(move || source.model(&model))
+            .await
+            .map_err(|e| ManageError::Failed(e.to_string()))?;
+        let files = match files {
+            Ok(files) => files,
+            Err(error) => {
+                let known = source_knows(&self.source, name).await;
+                if !known {
+                    return Err(ManageError::NotFound(error));
+                }
+                let mut table = self.write();
+                table.entry(name.to_string()).or_default().failure = Some(error.clone());
+                drop(table);
+                self.changed();
+                return Err(ManageError::Failed(error));
+            }
+        };
+        let wanted: Vec<(u64, std::path::PathBuf)> = match version {
+            Some(v) => match files.versions.iter().find(|(found, _)| *found == v) {
+                Some(found) => vec![found.clone()],
+                None => {
+                    return Err(ManageError::NotFound(format!(
+                        "model '{name}' has no version {v} in the repository"
+                    )));
+                }
+            },
+            None => files.selected(),
+        };
+        {
+            let mut table = self.write();
+            let entry = table.entry(name.to_string()).or_default();
+            entry.failure = None;
+            if version.is_none() {
+                entry
+                    .versions
+                    .retain(|v, _| wanted.iter().any(|(w, _)| w == v));
+            }
+            for (v, _) in &wanted {
+                entry.versions.insert(*v, Slot::Loading);
+            }
+        }
+        self.changed();
+        for (v, path) in wanted {
+            let runtime = self.runtime.clone();
+            let config = files.config.clone();
+            let model = name.to_string();
+            let loaded = tokio::task::spawn_blocking(move || {
+                load_version(&runtime, &model, v, &path, config)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            let slot = match loaded {
+                Ok(loaded) => {
+                    tracing::info!(
+                        model = name,
+                        version = v,
+                        provider = loaded.provider,
+                        "model ready"
+                    );
+                    Slot::Ready(Arc::new(loaded))
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        model = name,
+                        version = v,
+                        error,
+                        "model version failed to load"
+                    );
+                    Slot::Failed(error)
+                }
+            };
+            self.write()
+                .entry(name.to_string())
+                .or_default()
+                .versions
+                .insert(v, slot);
+            self.changed();
+        }
+        Ok(self
+            .statuses()
+            .into_iter()
+            .filter(|s| s.name == name)
+            .collect())
+    }
+
+    /// Unloads one version, or the whole model.
+    pub async fn unload(&self, name: &str, version: Option<u64>) -> Result<(), ManageError> {
+        let _admin = self.admin.lock().await;
+        let mut table = self.write();
+        let Some(entry) = table.get_mut(name) else {
+            return Err(ManageError::NotFound(format!(
+                "model '{name}' is not loaded"
+            )));
+        };
+        match version {
+            None => {
+                table.remove(name);
+            }
+            Some(v) => {
+                if entry.versions.remove(&v).is_none() {
+                    return Err(ManageError::NotFound(format!(
+                        "model '{name}' has no version {v} loaded"
+                    )));
+                }
+                if entry.versions.is_empty() {
+                    table.remove(name);
+                }
+            }
+        }
+        drop(table);
+        tracing::info!(model = name, version = ?version, "unloaded");
+        self.changed();
+        Ok(())
+    }
+
+    /// The ready version a request names; an empty version means the newest
+    /// ready one.
+    pub fn resolve(&self, name: &str, version: &str) -> Result<Arc<LoadedVersion>, ResolveError> {
+        let table = self.read();
+        let entry = table
+            .get(name)
+            .ok_or_else(|| ResolveError::UnknownModel(name.to_string()))?;
+        let ready = || -> String {
+            let list: Vec<String> = entry
+                .versions
+                .iter()
+                .filter(|(_, s)| matches!(s, Slot::Ready(_)))
+                .map(|(v, _)| v.to_string())
+                .collect();
+            if list.is_empty() {
+                "none".to_string()
+            } else {
+                list.join(", ")
+            }
+        };
+        let found = if version.is_empty() {
+            entry.versions.values().rev().find_map(|s| match s {
+                Slot::Ready(loaded) => Some(loaded.clone()),
+                _ => None,
+            })
+        } else {
+            version
+                .parse::<u64>()
+                .ok()
+                .and_then(|v| match entry.versions.get(&v) {
+                    Some(Slot::Ready(loaded)) => Some(loaded.clone()),
+                    _ => None,
+                })
+        };
+        found.ok_or_else(|| ResolveError::UnknownVersion {
+            name: name.to_string(),
+            version: if version.is_empty() {
+                "(latest)".to_string()
+            } else {
+                version.to_string()
+            },
+            ready: ready(),
+        })
+    }
+
+    /// Whether the model is known at all (loading, ready or failed).
+    pub fn knows(&self, name: &str) -> bool {
+        self.read().contains_key(name)
+    }
+
+    /// Every model version and its state.
+    pub fn statuses(&self) -> Vec<ModelStatus> {
+        let table = self.read();
+        let mut out = Vec::new();
+        for (name, entry) in table.iter() {
+            if let Some(error) = &entry.failure {
+                out.push(ModelStatus {
+                    name: name.clone(),
+                    version: String::new(),
+                    state: VersionState::Failed,
+                    error: error.clone(),
+                    execution_provider: String::new(),
+                    instances: 0,
+                });
+            }
+            for (version, slot) in &entry.versions {
+                let (state, error, provider, instances) = match slot {
+                    Slot::Loading => (VersionState::Loading, String::new(), String::new(), 0),
+                    Slot::Failed(e) => (VersionState::Failed, e.clone(), String::new(), 0),
+                    Slot::Ready(l) => (
+                        VersionState::Ready,
+                        String::new(),
+                        l.provider.clone(),
+                        u32::try_from(l.config.instance_count).unwrap_or(u32::MAX),
+                    ),
+                };
+                out.push(ModelStatus {
+                    name: name.clone(),
+                    version: version.to_string(),
+                    state,
+                    error,
+                    execution_provider: provider,
+                    instances,
+                });
+            }
+        }
+        out
+    }
+
+    /// Ready versions, for every ready one.
+    pub fn ready(&self) -> Vec<Arc<LoadedVersion>> {
+        self.read()
+            .values()
+            .flat_map(|e| e.versions.values())
+            .filter_map(|s| match s {
+                Slot::Ready(l) => Some(l.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The models to register in discovery.
+    pub fn served(&self) -> Vec<ServedModel> {
+        self.ready()
+            .iter()
+            .map(|l| ServedModel {
+                name: l.name.clone(),
+                version: l.version.to_string(),
+            })
+            .collect()
+    }
+
+    /// Load to publish in discovery.
+    pub fn load_report(&self) -> Load {
+        let ready = self.ready();
+        let mut load = Load {
+            accelerator: "cpu".to_string(),
+            ..Load::default()
+        };
+        for l in &ready {
+            load.queue_depth += u32::try_from(l.batcher.queue_depth()).unwrap_or(u32::MAX);
+            load.in_flight += u32::try_from(l.batcher.in_flight()).unwrap_or(u32::MAX);
+            load.instances += u32::try_from(l.config.instance_count).unwrap_or(u32::MAX);
+            if l.provider.starts_with("cuda") {
+                load.accelerator = l.provider.clone();
+            }
+        }
+        load
+    }
+}
+
+async fn source_knows(source: &Option<Arc<dyn ModelSource>>, name: &str) -> bool {
+    let Some(source) = source.clone() else {
+        return false;
+    };
+    let name = name.to_string();
+    tokio::task::spawn_blocking(move || source.list().map(|l| l.contains(&name)).unwrap_or(false))
+        .await
+        .unwrap_or(false)
+}
+
+/// Creates the sessions of one version and starts its batcher. Blocking.
+fn load_version(
+    runtime: &OnnxRuntimeConfig,
+    name: &str,
+    version: u64,
+    path: &std::path::Path,
+    config: ModelConfig,
+) -> Result<LoadedVersion, String> {
+    let runtime = Runtime::get(runtime).map_err(|e| e.to_string())?;
+    let mut sessions = Vec::with_capacity(config.instance_count);
+    let mut provider = String::new();
+    for _ in 0..config.instance_count {
+        let (session, used) = runtime
+            .session(path, &config.execution_provider, config.intra_op_threads)
+            .map_err(|e| e.to_string())?;
+        provider = used;
+        sessions.push(session);
+    }
+    let signature = crate::engine::signature(&sessions[0]).map_err(|e| e.to_string())?;
+    if config.max_batch_size > 0 {
+        for spec in signature.inputs.iter().chain(&signature.outputs) {
+            if spec.shape.first() != Some(&-1) {
+                return Err(format!(
+                    "max_batch_size is {} but '{}' has shape {:?}: batching needs a dynamic first dimension (set max_batch_size: 0 for models without one)",
+                    config.max_batch_size, spec.name, spec.shape
+                ));
+            }
+        }
+    }
+    let outputs = signature
+        .outputs
+        .iter()
+        .map(|o| (o.name.clone(), o.dtype))
+        .collect();
+    let metrics = VersionMetrics::new(name, &version.to_string());
+    let policy = Policy {
+        max_batch_size: config.max_batch_size,
+        dynamic: config.dynamic_batching.clone(),
+    };
+    let batcher = Batcher::start(
+        &format!("ort-{name}-{version}"),
+        policy,
+        sessions,
+        outputs,
+        metrics.clone(),
+    )
+    .map_err(|e| format!("start instance threads: {e}"))?;
+    Ok(LoadedVersion {
+        name: name.to_string(),
+        version,
+        config,
+        signature,
+        provider,
+        batcher,
+        metrics,
+    })
+}

@@ -1,0 +1,329 @@
+//! The model repository: a directory in the layout Triton operators know,
+//!
+//! ```text
+//! <repository>/<model>/config.yaml
+//! <repository>/<model>/<version>/model.onnx      (version: a positive integer)
+//! ```
+//!
+//! read through the [`ModelSource`] trait so that the registry can become
+//! another source without touching the loader.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::engine::ProviderConfig;
+
+/// How a model is served; `<model>/config.yaml`. Every key is optional.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Largest batch one inference runs with. 0: the model has no batch
+    /// dimension and every request runs as sent.
+    pub max_batch_size: usize,
+    /// Queue requests and run them together. Absent: each request runs alone.
+    pub dynamic_batching: Option<DynamicBatching>,
+    /// Sessions of this model, each on its own thread.
+    pub instance_count: usize,
+    /// ONNX Runtime intra-op threads per session.
+    pub intra_op_threads: usize,
+    pub execution_provider: ProviderConfig,
+    pub version_policy: VersionPolicy,
+    /// Largest tensor accepted, in elements; larger → RESOURCE_EXHAUSTED.
+    pub max_input_elements: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            max_batch_size: 0,
+            dynamic_batching: None,
+            instance_count: 1,
+            intra_op_threads: 1,
+            execution_provider: ProviderConfig::default(),
+            version_policy: VersionPolicy::default(),
+            max_input_elements: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Dynamic batching parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DynamicBatching {
+    /// Longest a request waits for others to join its batch.
+    #[serde(with = "humantime_serde")]
+    pub max_queue_delay: Duration,
+    /// Batch sizes to run as soon as they can be formed.
+    pub preferred_batch_sizes: Vec<usize>,
+    /// Requests waiting, at most; more → RESOURCE_EXHAUSTED.
+    pub max_queue_size: usize,
+    /// Priority levels 1 (highest) ..= this; requests choose one with the
+    /// `priority` parameter.
+    pub priority_levels: usize,
+    /// The level of requests that do not choose one.
+    pub default_priority_level: usize,
+}
+
+impl Default for DynamicBatching {
+    fn default() -> Self {
+        DynamicBatching {
+            max_queue_delay: Duration::from_millis(1),
+            preferred_batch_sizes: Vec::new(),
+            max_queue_size: 1024,
+            priority_levels: 1,
+            default_priority_level: 1,
+        }
+    }
+}
+
+/// Which versions of a model are served.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionPolicy {
+    /// The newest N versions.
+    Latest(usize),
+    /// Every version present.
+    All,
+    /// Exactly these versions.
+    Specific(Vec<u64>),
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Latest(1)
+    }
+}
+
+impl ModelConfig {
+    /// Checks the config; errors name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.instance_count == 0 {
+            return Err("instance_count: must be at least 1".into());
+        }
+        if self.intra_op_threads == 0 {
+            return Err("intra_op_threads: must be at least 1".into());
+        }
+        if self.max_input_elements == 0 {
+            return Err("max_input_elements: must be at least 1".into());
+        }
+        if let VersionPolicy::Latest(0) = self.version_policy {
+            return Err("version_policy.latest: must be at least 1".into());
+        }
+        if let Some(batching) = &self.dynamic_batching {
+            if self.max_batch_size == 0 {
+                return Err("dynamic_batching: needs max_batch_size > 0".into());
+            }
+            if batching.max_queue_size == 0 {
+                return Err("dynamic_batching.max_queue_size: must be at least 1".into());
+            }
+            if let Some(bad) = batching
+                .preferred_batch_sizes
+                .iter()
+                .find(|&&s| s == 0 || s > self.max_batch_size)
+            {
+                return Err(format!(
+                    "dynamic_batching.preferred_batch_sizes: {bad} is not within 1..={}",
+                    self.max_batch_size
+                ));
+            }
+            if batching.priority_levels == 0 {
+                return Err("dynamic_batching.priority_levels: must be at least 1".into());
+            }
+            if batching.default_priority_level == 0
+                || batching.default_priority_level > batching.priority_levels
+            {
+                return Err(format!(
+                    "dynamic_batching.default_priority_level: must be within 1..={}",
+                    batching.priority_levels
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One model as found in a source.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub config: ModelConfig,
+    /// Version → ONNX file, ascending by version.
+    pub versions: Vec<(u64, PathBuf)>,
+}
+
+impl ModelFiles {
+    /// The versions the model's policy selects.
+    pub fn selected(&self) -> Vec<(u64, PathBuf)> {
+        match &self.config.version_policy {
+            VersionPolicy::All => self.versions.clone(),
+            VersionPolicy::Latest(n) => {
+                self.versions.iter().rev().take(*n).rev().cloned().collect()
+            }
+            VersionPolicy::Specific(wanted) => self
+                .versions
+                .iter()
+                .filter(|(v, _)| wanted.contains(v))
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// Where model files come from.
+pub trait ModelSource: Send + Sync + std::fmt::Debug {
+    /// Names of the models available.
+    fn list(&self) -> Result<Vec<String>, String>;
+    /// A model's config and version files.
+    fn model(&self, name: &str) -> Result<ModelFiles, String>;
+}
+
+/// A model repository directory.
+#[derive(Debug, Clone)]
+pub struct DirectorySource {
+    root: PathBuf,
+}
+
+impl DirectorySource {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        DirectorySource { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl ModelSource for DirectorySource {
+    fn list(&self) -> Result<Vec<String>, String> {
+        let entries = std::fs::read_dir(&self.root)
+            .map_err(|e| format!("read model repository {}: {e}", self.root.display()))?;
+        let mut names = Vec::new();
+        for entry in entries.flatten() {
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if entry.path().is_dir() && valid_name(&name) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn model(&self, name: &str) -> Result<ModelFiles, String> {
+        if !valid_name(name) {
+            return Err(format!("invalid model name {name:?}"));
+        }
+        let dir = self.root.join(name);
+        if !dir.is_dir() {
+            return Err(format!("model '{name}' is not in the repository"));
+        }
+        let config_path = dir.join("config.yaml");
+        let config = match std::fs::read_to_string(&config_path) {
+            Ok(text) if text.trim().is_empty() => ModelConfig::default(),
+            Ok(text) => yaml_serde::from_str::<ModelConfig>(&text)
+                .map_err(|e| format!("{}: {e}", config_path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ModelConfig::default(),
+            Err(e) => return Err(format!("read {}: {e}", config_path.display())),
+        };
+        config
+            .validate()
+            .map_err(|e| format!("{}: {e}", config_path.display()))?;
+        let mut versions = Vec::new();
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| format!("read {}: {e}", dir.display()))?;
+        for entry in entries.flatten() {
+            let Ok(file_name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let Ok(version) = file_name.parse::<u64>() else {
+                continue;
+            };
+            let model = entry.path().join("model.onnx");
+            if version > 0 && model.is_file() {
+                versions.push((version, model));
+            }
+        }
+        versions.sort();
+        if versions.is_empty() {
+            return Err(format!(
+                "model '{name}' has no version: expected {}/<version>/model.onnx",
+                dir.display()
+            ));
+        }
+        Ok(ModelFiles { config, versions })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(policy: VersionPolicy) -> ModelFiles {
+        ModelFiles {
+            config: ModelConfig {
+                version_policy: policy,
+                ..ModelConfig::default()
+            },
+            versions: (1..=4)
+                .map(|v| (v, PathBuf::from(format!("{v}/model.onnx"))))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn version_policies_select_versions() {
+        let pick = |p| {
+            files(p)
+                .selected()
+                .into_iter()
+                .map(|(v, _)| v)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pick(VersionPolicy::Latest(1)), vec![4]);
+        assert_eq!(pick(VersionPolicy::Latest(2)), vec![3, 4]);
+        assert_eq!(pick(VersionPolicy::All), vec![1, 2, 3, 4]);
+        assert_eq!(pick(VersionPolicy::Specific(vec![1, 3, 9])), vec![1, 3]);
+    }
+
+    #[test]
+    fn config_parses_and_validates() {
+        let config: ModelConfig = yaml_serde::from_str(
+            "max_batch_size: 32\ndynamic_batching:\n  max_queue_delay: 2ms\n  preferred_batch_sizes: [8, 16]\ninstance_count: 2\nversion_policy:\n  latest: 2\nexecution_provider:\n  kind: cuda\n  on_unavailable: fallback_to_cpu\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.dynamic_batching.as_ref().unwrap().max_queue_delay,
+            Duration::from_millis(2)
+        );
+        assert_eq!(config.version_policy, VersionPolicy::Latest(2));
+        config.validate().unwrap();
+
+        let all: ModelConfig = yaml_serde::from_str("version_policy: all\n").unwrap();
+        assert_eq!(all.version_policy, VersionPolicy::All);
+
+        let bad = ModelConfig {
+            max_batch_size: 8,
+            dynamic_batching: Some(DynamicBatching {
+                preferred_batch_sizes: vec![16],
+                ..DynamicBatching::default()
+            }),
+            ..ModelConfig::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .contains("preferred_batch_sizes")
+        );
+        assert!(yaml_serde::from_str::<ModelConfig>("max_batch: 3\n").is_err());
+    }
+}
