@@ -7,6 +7,7 @@
 mod deps;
 
 use std::ffi::OsStr;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
@@ -16,10 +17,15 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  deps   install what the tests need (etcd, redis-server, promtool, cargo-nextest); idempotent
-  test   deps, then the workspace tests
-  ci     deps, rustfmt check, clippy with -D warnings, then the workspace tests
-  help   print this message";
+  deps      install what the tests need (etcd, redis-server, promtool, cargo-nextest,
+            ONNX Runtime from PyPI into the cache directory); idempotent
+  test      deps, then the workspace tests
+  ci        deps, rustfmt check, clippy with -D warnings, then the workspace tests
+  ort-path  print the path of ONNX Runtime's library, installing it first if missing:
+            ORT_DYLIB_PATH=$(cargo xtask ort-path)
+  help      print this message
+
+The cache directory is $LMGRID_CACHE_DIR, else ~/.cache/lmgrid.";
 
 /// A command given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +33,25 @@ enum Task {
     Deps,
     Test,
     Ci,
+    OrtPath,
     Help,
+}
+
+/// Where a step's progress lines and its commands' output go: stdout, unless stdout carries
+/// the command's result (as with `ort-path`), which must stay clean for `$(...)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    Stdout,
+    Stderr,
+}
+
+impl Progress {
+    fn line(self, line: fmt::Arguments<'_>) {
+        match self {
+            Self::Stdout => println!("{line}"),
+            Self::Stderr => eprintln!("{line}"),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -47,6 +71,7 @@ fn parse(args: &[String]) -> anyhow::Result<Task> {
         Some("deps") => Task::Deps,
         Some("test") => Task::Test,
         Some("ci") => Task::Ci,
+        Some("ort-path") => Task::OrtPath,
         Some(other) => bail!("unknown command `{other}`\n\n{USAGE}"),
     };
     if let Some(extra) = args.get(1) {
@@ -63,9 +88,15 @@ fn run(task: Task) -> anyhow::Result<()> {
     let root = project_root();
     std::env::set_current_dir(&root)
         .with_context(|| format!("change directory to {}", root.display()))?;
+    if task == Task::OrtPath {
+        // Only this step runs: the path is the one line on stdout.
+        let library = deps::onnxruntime(Progress::Stderr)?;
+        println!("{}", library.display());
+        return Ok(());
+    }
     deps::install()?;
     match task {
-        Task::Deps | Task::Help => Ok(()),
+        Task::Deps | Task::OrtPath | Task::Help => Ok(()),
         Task::Test => tests(),
         Task::Ci => {
             fmt()?;
@@ -125,8 +156,17 @@ fn cargo() -> Command {
 
 /// Runs `command` with inherited output and fails, naming `step`, unless it succeeds.
 fn run_step(step: &str, command: &mut Command) -> anyhow::Result<()> {
+    run_step_with(Progress::Stdout, step, command)
+}
+
+/// [`run_step`], reporting to `progress`: with [`Progress::Stderr`] the command's stdout
+/// goes to stderr too.
+fn run_step_with(progress: Progress, step: &str, command: &mut Command) -> anyhow::Result<()> {
     let shown = show(command);
-    println!("xtask: {step}: running `{shown}`");
+    progress.line(format_args!("xtask: {step}: running `{shown}`"));
+    if progress == Progress::Stderr {
+        command.stdout(std::io::stderr());
+    }
     // Nothing here is interactive, and CI runs without a terminal on stdin.
     let status = command
         .stdin(Stdio::null())
@@ -174,6 +214,7 @@ mod tests {
         assert_eq!(parse(&args(&["deps"])).unwrap(), Task::Deps);
         assert_eq!(parse(&args(&["test"])).unwrap(), Task::Test);
         assert_eq!(parse(&args(&["ci"])).unwrap(), Task::Ci);
+        assert_eq!(parse(&args(&["ort-path"])).unwrap(), Task::OrtPath);
     }
 
     #[test]

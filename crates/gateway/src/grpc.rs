@@ -1,27 +1,31 @@
-//! The gateway's gRPC APIs: today the server-level Open Inference Protocol;
-//! the model RPCs and lmgrid's APIs are proxied to workers with the gateway
-//! issue.
+//! The gateway's gRPC APIs: the Open Inference Protocol, with model RPCs
+//! forwarded to a worker serving the model; lmgrid's generation, embedding
+//! and job APIs arrive with the gateway issue.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use lmgrid_core::error::not_yet_implemented;
 use lmgrid_core::health::Readiness;
-use lmgrid_core::oip;
+use lmgrid_core::{deadline, oip};
 use lmgrid_proto::inference as oip_pb;
 use lmgrid_proto::lmgrid::v1 as pb;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+
+use crate::routing::{Workers, forward};
 
 const ISSUE: &str = "the gateway issue (routing to workers, tenants, admission)";
 
 #[derive(Debug, Clone)]
 pub(crate) struct GatewayApi {
     readiness: Readiness,
+    workers: Arc<Workers>,
 }
 
 impl GatewayApi {
-    pub(crate) fn new(readiness: Readiness) -> Self {
-        GatewayApi { readiness }
+    pub(crate) fn new(readiness: Readiness, workers: Arc<Workers>) -> Self {
+        GatewayApi { readiness, workers }
     }
 }
 
@@ -43,9 +47,12 @@ impl oip_pb::grpc_inference_service_server::GrpcInferenceService for GatewayApi 
 
     async fn model_ready(
         &self,
-        _: Request<oip_pb::ModelReadyRequest>,
+        request: Request<oip_pb::ModelReadyRequest>,
     ) -> Result<Response<oip_pb::ModelReadyResponse>, Status> {
-        Err(not_yet_implemented("ModelReady", ISSUE))
+        let deadline = deadline::from_metadata(request.metadata());
+        let request = request.into_inner();
+        let mut client = self.workers.client_for(&request.name, &request.version)?;
+        client.model_ready(forward(request, deadline)?).await
     }
 
     async fn server_metadata(
@@ -57,16 +64,24 @@ impl oip_pb::grpc_inference_service_server::GrpcInferenceService for GatewayApi 
 
     async fn model_metadata(
         &self,
-        _: Request<oip_pb::ModelMetadataRequest>,
+        request: Request<oip_pb::ModelMetadataRequest>,
     ) -> Result<Response<oip_pb::ModelMetadataResponse>, Status> {
-        Err(not_yet_implemented("ModelMetadata", ISSUE))
+        let deadline = deadline::from_metadata(request.metadata());
+        let request = request.into_inner();
+        let mut client = self.workers.client_for(&request.name, &request.version)?;
+        client.model_metadata(forward(request, deadline)?).await
     }
 
     async fn model_infer(
         &self,
-        _: Request<oip_pb::ModelInferRequest>,
+        request: Request<oip_pb::ModelInferRequest>,
     ) -> Result<Response<oip_pb::ModelInferResponse>, Status> {
-        Err(not_yet_implemented("ModelInfer", ISSUE))
+        let deadline = deadline::from_metadata(request.metadata());
+        let request = request.into_inner();
+        let mut client = self
+            .workers
+            .client_for(&request.model_name, &request.model_version)?;
+        client.model_infer(forward(request, deadline)?).await
     }
 }
 

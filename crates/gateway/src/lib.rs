@@ -3,9 +3,10 @@
 //! and lmgrid's own gRPC APIs; authenticate tenants, admit work under their
 //! limits, route to workers and meter usage (the gateway issue).
 //!
-//! Today it serves its gRPC port with the server-level Open Inference
-//! Protocol answered truthfully and every model RPC `UNIMPLEMENTED` (saying
-//! which issue brings it), its public HTTP port with JSON errors for unknown
+//! Today it serves the Open Inference Protocol on its gRPC port — model RPCs
+//! forwarded to a worker that serves the model, chosen from discovery by
+//! load — with lmgrid's own APIs `UNIMPLEMENTED` (saying which issue brings
+//! them), its public HTTP port with JSON errors for unknown
 //! routes (and `/livez`, `/readyz`, `/metrics` when `http.serve_admin` is
 //! set, as in `lmgrid up`), and reports in `grpc.health.v1` whether each other
 //! lmgrid service has a ready instance in discovery.
@@ -13,8 +14,10 @@
 mod grpc;
 mod http_api;
 mod peers;
+mod routing;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use lmgrid_core::config::{ConfigError, NodeConfig, Validate};
 use lmgrid_core::health::admin_router;
@@ -167,7 +170,10 @@ impl Gateway {
         tracing::info!(%http_addr, serve_admin = config.http.serve_admin, "public HTTP server listening");
         node.serve_http(http_listener, router);
 
-        let api = grpc::GatewayApi::new(readiness);
+        let workers = Arc::new(routing::Workers::new(
+            node.discovery().watch("worker").await?,
+        ));
+        let api = grpc::GatewayApi::new(readiness, workers);
         let routes = Routes::new(GrpcInferenceServiceServer::new(api.clone()))
             .add_service(GenerationServiceServer::new(api.clone()))
             .add_service(EmbeddingServiceServer::new(api.clone()))

@@ -1,4 +1,4 @@
-//! Real dependencies for lmgrid tests.
+//! Real dependencies and generated models for lmgrid tests.
 //!
 //! Integration tests talk to a real `etcd` and a real `redis-server`, never to mocks. This
 //! crate starts each of them as a child process on free loopback ports inside a fresh
@@ -18,8 +18,13 @@
 //!
 //! The binaries are found on `PATH`; `cargo xtask deps` installs them on a Debian machine.
 //! [`wait_until`] is the polling helper tests use instead of sleeping.
+//!
+//! [`onnx`] builds small ONNX models in Rust (an identity per element type, a two-output
+//! graph, a seeded MLP with a plain-Rust reference, a model with a dynamic sequence axis) and
+//! lays them out as a model repository.
 
 mod etcd;
+pub mod onnx;
 mod process;
 mod redis;
 
