@@ -337,7 +337,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
             log_format: LogFormat::Plain,
-            log_filter: "info".into(),
+            log_filter: "info,ort=warn".into(),
             otlp_endpoint: None,
         }
     }

@@ -33,6 +33,11 @@ pub(crate) struct UpArgs {
     /// grpc.health.v1 and reflection.
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
     grpc: SocketAddr,
+    /// Serve the ONNX models of this model repository
+    /// (`<model>/config.yaml`, `<model>/<version>/model.onnx`) through the
+    /// Open Inference Protocol.
+    #[arg(long, env = "LMGRID_MODEL_REPOSITORY", value_name = "DIR")]
+    model_repository: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value = "plain")]
     log_format: LogFormatArg,
@@ -58,7 +63,7 @@ pub(crate) async fn run(args: UpArgs) -> ExitCode {
             LogFormatArg::Plain => LogFormat::Plain,
             LogFormatArg::Json => LogFormat::Json,
         },
-        log_filter: "info".to_string(),
+        log_filter: "info,ort=warn".to_string(),
         otlp_endpoint: args.otlp_endpoint.clone(),
     };
     let telemetry = match lmgrid_core::telemetry::init(&telemetry_config, "lmgrid-up").await {
@@ -119,8 +124,15 @@ async fn up(
     let internal: SocketAddr = ([127, 0, 0, 1], 0).into();
 
     // Bind every port before serving anything, so a port in use fails fast.
+    if let Some(dir) = &args.model_repository
+        && !dir.is_dir()
+    {
+        anyhow::bail!("--model-repository {} is not a directory", dir.display());
+    }
     let worker = lmgrid_worker::Worker::start(lmgrid_worker::Config {
         node: node("worker", internal),
+        model_repository: args.model_repository.clone(),
+        onnxruntime: Default::default(),
     })
     .await
     .context("start worker")?;
