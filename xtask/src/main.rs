@@ -21,6 +21,9 @@ commands:
             ONNX Runtime from PyPI into the cache directory); idempotent
   test      deps, then the workspace tests
   ci        deps, rustfmt check, clippy with -D warnings, then the workspace tests
+  bench worker
+            benchmark the worker against raw ONNX Runtime (dynamic batching,
+            gRPC overhead); prints a table
   ort-path  print the path of ONNX Runtime's library, installing it first if missing:
             ORT_DYLIB_PATH=$(cargo xtask ort-path)
   help      print this message
@@ -34,7 +37,23 @@ enum Task {
     Test,
     Ci,
     OrtPath,
+    Bench(Bench),
     Help,
+}
+
+/// A benchmark `cargo xtask bench` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bench {
+    Worker,
+}
+
+impl Bench {
+    /// The package and bench target (`harness = false`) that implement it.
+    fn target(self) -> (&'static str, &'static str) {
+        match self {
+            Bench::Worker => ("lmgrid-worker", "worker"),
+        }
+    }
 }
 
 /// Where a step's progress lines and its commands' output go: stdout, unless stdout carries
@@ -72,9 +91,15 @@ fn parse(args: &[String]) -> anyhow::Result<Task> {
         Some("test") => Task::Test,
         Some("ci") => Task::Ci,
         Some("ort-path") => Task::OrtPath,
+        Some("bench") => match args.get(1).map(String::as_str) {
+            Some("worker") => Task::Bench(Bench::Worker),
+            Some(other) => bail!("unknown benchmark `{other}`\n\n{USAGE}"),
+            None => bail!("which benchmark? e.g. `cargo xtask bench worker`\n\n{USAGE}"),
+        },
         Some(other) => bail!("unknown command `{other}`\n\n{USAGE}"),
     };
-    if let Some(extra) = args.get(1) {
+    let used = if matches!(task, Task::Bench(_)) { 2 } else { 1 };
+    if let Some(extra) = args.get(used) {
         bail!("unexpected argument `{extra}`\n\n{USAGE}");
     }
     Ok(task)
@@ -94,9 +119,15 @@ fn run(task: Task) -> anyhow::Result<()> {
         println!("{}", library.display());
         return Ok(());
     }
+    if let Task::Bench(bench) = task {
+        // A benchmark needs ONNX Runtime, not the test servers.
+        deps::onnxruntime(Progress::Stdout)?;
+        let (package, target) = bench.target();
+        return run_step("bench", cargo().args(["bench", "--package", package, "--bench", target]));
+    }
     deps::install()?;
     match task {
-        Task::Deps | Task::OrtPath | Task::Help => Ok(()),
+        Task::Deps | Task::OrtPath | Task::Help | Task::Bench(_) => Ok(()),
         Task::Test => tests(),
         Task::Ci => {
             fmt()?;
@@ -215,6 +246,10 @@ mod tests {
         assert_eq!(parse(&args(&["test"])).unwrap(), Task::Test);
         assert_eq!(parse(&args(&["ci"])).unwrap(), Task::Ci);
         assert_eq!(parse(&args(&["ort-path"])).unwrap(), Task::OrtPath);
+        assert_eq!(parse(&args(&["bench", "worker"])).unwrap(), Task::Bench(Bench::Worker));
+        assert!(parse(&args(&["bench"])).is_err());
+        assert!(parse(&args(&["bench", "nope"])).is_err());
+        assert!(parse(&args(&["bench", "worker", "extra"])).is_err());
     }
 
     #[test]

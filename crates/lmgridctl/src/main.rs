@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand};
 use lmgrid_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use lmgrid_proto::inference::{ServerLiveRequest, ServerMetadataRequest, ServerReadyRequest};
 use lmgrid_proto::lmgrid::v1::worker_control_service_client::WorkerControlServiceClient;
-use lmgrid_proto::lmgrid::v1::{GetStatsRequest, ListWorkerModelsRequest};
+use lmgrid_proto::lmgrid::v1::{
+    GetStatsRequest, ListWorkerModelsRequest, LoadModelRequest, ModelState, UnloadModelRequest,
+    WorkerModel,
+};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -57,6 +60,20 @@ enum WorkerCommand {
     Models,
     /// In-flight requests, queue depth and accelerator of the worker.
     Stats,
+    /// Load or reload a model from the worker's model repository.
+    Load {
+        name: String,
+        /// One version; by default the versions the model's policy selects.
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Unload a model (in-flight requests complete first).
+    Unload {
+        name: String,
+        /// One version; by default every version.
+        #[arg(long)]
+        version: Option<String>,
+    },
 }
 
 fn humantime_duration(text: &str) -> Result<Duration, String> {
@@ -87,30 +104,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("list models")?
                 .into_inner()
                 .models;
-            if cli.json {
-                let rows: Vec<_> = models
-                    .iter()
-                    .map(|m| serde_json::json!({"name": m.name, "version": m.version, "state": m.state().as_str_name(), "error": m.error, "execution_provider": m.execution_provider, "instances": m.instances}))
-                    .collect();
-                println!("{}", serde_json::Value::Array(rows));
-            } else if models.is_empty() {
-                println!("no models");
+            print_models(&models, cli.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker(WorkerCommand::Load { name, version }) => {
+            let request = LoadModelRequest {
+                name: name.clone(),
+                version: version.unwrap_or_default(),
+            };
+            let models = WorkerControlServiceClient::new(channel)
+                .load_model(request)
+                .await
+                .with_context(|| format!("load {name}"))?
+                .into_inner()
+                .models;
+            print_models(&models, cli.json);
+            let failed = models.iter().any(|m| m.state() == ModelState::Failed);
+            Ok(if failed {
+                ExitCode::FAILURE
             } else {
-                println!(
-                    "{:<32} {:<8} {:<20} {:<10} INSTANCES",
-                    "NAME", "VERSION", "STATE", "PROVIDER"
-                );
-                for m in &models {
-                    println!(
-                        "{:<32} {:<8} {:<20} {:<10} {}",
-                        m.name,
-                        m.version,
-                        m.state().as_str_name(),
-                        m.execution_provider,
-                        m.instances
-                    );
-                }
-            }
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Worker(WorkerCommand::Unload { name, version }) => {
+            let request = UnloadModelRequest {
+                name: name.clone(),
+                version: version.unwrap_or_default(),
+            };
+            WorkerControlServiceClient::new(channel)
+                .unload_model(request)
+                .await
+                .with_context(|| format!("unload {name}"))?;
+            println!("unloaded {name}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker(WorkerCommand::Stats) => {
@@ -135,6 +160,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("accelerator: {}", stats.accelerator);
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_models(models: &[WorkerModel], json: bool) {
+    if json {
+        let rows: Vec<_> = models
+            .iter()
+            .map(|m| serde_json::json!({"name": m.name, "version": m.version, "state": m.state().as_str_name(), "error": m.error, "execution_provider": m.execution_provider, "instances": m.instances}))
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+    } else if models.is_empty() {
+        println!("no models");
+    } else {
+        println!(
+            "{:<32} {:<8} {:<20} {:<10} INSTANCES",
+            "NAME", "VERSION", "STATE", "PROVIDER"
+        );
+        for m in models {
+            println!(
+                "{:<32} {:<8} {:<20} {:<10} {}",
+                m.name,
+                m.version,
+                m.state().as_str_name(),
+                m.execution_provider,
+                m.instances
+            );
+            if !m.error.is_empty() {
+                println!("    error: {}", m.error);
+            }
         }
     }
 }

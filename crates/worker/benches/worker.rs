@@ -1,0 +1,250 @@
+//! `cargo xtask bench worker`: the worker's throughput and latency against
+//! the limit set by raw in-process ONNX Runtime, all in one run.
+//!
+//! Rows of the table:
+//! - raw ONNX Runtime, batch 1 and the batcher's max batch (one session,
+//!   called in a loop on one thread) — the limit;
+//! - the worker over gRPC (loopback, raw tensor contents, as Triton clients
+//!   send them) at concurrency 1, 8, 32, 64 with dynamic batching off and on.
+//!
+//! The model is an MLP fixture built by `lmgrid-test-support`. Sizes and
+//! duration can be changed with `LMGRID_BENCH_SECONDS` and
+//! `LMGRID_BENCH_MLP=in,hidden,layers,out`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lmgrid_core::config::{AdminConfig, GrpcConfig, NodeConfig, ShutdownConfig};
+use lmgrid_core::discovery::MemoryDiscovery;
+use lmgrid_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use lmgrid_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
+use lmgrid_test_support::onnx;
+use lmgrid_worker::engine::{self, ProviderConfig, Runtime};
+use lmgrid_worker::tensor::{DataType, Tensor, TensorData};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+const MAX_BATCH: usize = 64;
+
+struct Row {
+    case: String,
+    concurrency: usize,
+    batch: String,
+    rows_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index].as_secs_f64() * 1e3
+}
+
+fn main() -> anyhow::Result<()> {
+    let seconds: f64 = std::env::var("LMGRID_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let measure = Duration::from_secs_f64(seconds);
+    let sizes: Vec<usize> = std::env::var("LMGRID_BENCH_MLP")
+        .ok()
+        .map(|s| s.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| v.len() == 4)
+        .unwrap_or_else(|| vec![256, 1024, 2, 256]);
+    let (input, hidden, layers, output) = (sizes[0], sizes[1], sizes[2], sizes[3]);
+    let mlp = onnx::mlp(input, hidden, layers, output, 7);
+
+    let dir = tempfile::tempdir()?;
+    onnx::model_repository(dir.path(), "mlp-off", &[("1", &mlp.model)], &format!("max_batch_size: {MAX_BATCH}\n"))?;
+    onnx::model_repository(
+        dir.path(),
+        "mlp-dyn",
+        &[("1", &mlp.model)],
+        &format!(
+            "max_batch_size: {MAX_BATCH}\ndynamic_batching:\n  max_queue_delay: 500us\n  max_queue_size: 4096\n"
+        ),
+    )?;
+    let model_path = dir.path().join("mlp-off/1/model.onnx");
+
+    println!(
+        "lmgrid worker benchmark: MLP {input}→{hidden}×{layers}→{output} (FP32), {seconds}s per row, {} CPUs, 1 intra-op thread per session",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let mut rows = Vec::new();
+
+    // The limit: raw ONNX Runtime in this process, no gRPC, no queue.
+    let runtime = Runtime::get(&Default::default())?;
+    let (mut session, _) = runtime.session(&model_path, &ProviderConfig::default(), 1)?;
+    let outputs = vec![("y".to_string(), DataType::Fp32)];
+    for batch in [1, MAX_BATCH] {
+        let x = onnx::random_f32(11, batch * input);
+        let tensor = Tensor {
+            name: "x".into(),
+            shape: vec![batch as i64, input as i64],
+            data: TensorData::Fp32(x),
+        };
+        for _ in 0..20 {
+            engine::run(&mut session, vec![tensor.clone()], &outputs)?;
+        }
+        let mut latencies = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < measure {
+            let t = Instant::now();
+            engine::run(&mut session, vec![tensor.clone()], &outputs)?;
+            latencies.push(t.elapsed());
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        latencies.sort();
+        rows.push(Row {
+            case: "raw ONNX Runtime".into(),
+            concurrency: 1,
+            batch: batch.to_string(),
+            rows_per_s: (latencies.len() * batch) as f64 / elapsed,
+            p50_ms: percentile(&latencies, 0.5),
+            p99_ms: percentile(&latencies, 0.99),
+        });
+    }
+    drop(session);
+
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    tokio.block_on(async {
+        let shutdown = CancellationToken::new();
+        let worker = lmgrid_worker::Worker::start(lmgrid_worker::Config {
+            node: NodeConfig {
+                grpc: GrpcConfig { listen_addr: ([127, 0, 0, 1], 0).into(), advertise_addr: None },
+                admin: AdminConfig { enabled: false, ..AdminConfig::default() },
+                shutdown: ShutdownConfig { drain_delay: Duration::ZERO, grace_period: Duration::from_secs(5) },
+                in_process_discovery: Some(Arc::new(MemoryDiscovery::new())),
+                ..NodeConfig::default()
+            },
+            model_repository: Some(dir.path().to_path_buf()),
+            onnxruntime: Default::default(),
+        })
+        .await?;
+        let addr = worker.grpc_addr();
+        let models = worker.models();
+        let task = tokio::spawn(worker.run(shutdown.clone()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while models.resolve("mlp-dyn", "").is_err() || models.resolve("mlp-off", "").is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "models did not load: {:?}", models.statuses());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let channels: Vec<Channel> = {
+            let mut v = Vec::new();
+            for _ in 0..8 {
+                v.push(Channel::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?);
+            }
+            v
+        };
+        let x = onnx::random_f32(13, input);
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for (model, label) in [("mlp-off", "worker, batching off"), ("mlp-dyn", "worker, dynamic batching")] {
+            for concurrency in [1, 8, 32, 64] {
+                rows.push(load(&channels, model, label, concurrency, &bytes, input, measure).await?);
+            }
+        }
+        shutdown.cancel();
+        task.await??;
+        anyhow::Ok(())
+    })?;
+
+    print_table(&rows);
+    Ok(())
+}
+
+async fn load(
+    channels: &[Channel],
+    model: &str,
+    label: &str,
+    concurrency: usize,
+    bytes: &[u8],
+    input: usize,
+    measure: Duration,
+) -> anyhow::Result<Row> {
+    let request = ModelInferRequest {
+        model_name: model.to_string(),
+        inputs: vec![InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, input as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![bytes.to_vec()],
+        ..Default::default()
+    };
+    let warmup = Duration::from_millis(300);
+    let start = Instant::now() + warmup;
+    let end = start + measure;
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let mut client = GrpcInferenceServiceClient::new(channels[i % channels.len()].clone());
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                client.model_infer(request.clone()).await?;
+                if t >= start {
+                    latencies.push(t.elapsed());
+                }
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    latencies.sort();
+    Ok(Row {
+        case: label.to_string(),
+        concurrency,
+        batch: "1/request".into(),
+        rows_per_s: latencies.len() as f64 / measure.as_secs_f64(),
+        p50_ms: percentile(&latencies, 0.5),
+        p99_ms: percentile(&latencies, 0.99),
+    })
+}
+
+fn print_table(rows: &[Row]) {
+    let raw_b1 = rows.iter().find(|r| r.case.starts_with("raw") && r.batch == "1").map_or(f64::NAN, |r| r.rows_per_s);
+    let raw_max = rows
+        .iter()
+        .find(|r| r.case.starts_with("raw") && r.batch == MAX_BATCH.to_string())
+        .map_or(f64::NAN, |r| r.rows_per_s);
+    println!();
+    println!("| case | concurrency | batch | rows/s | p50 ms | p99 ms | vs raw batch 1 |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.2}× |",
+            r.case,
+            r.concurrency,
+            r.batch,
+            r.rows_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            r.rows_per_s / raw_b1
+        );
+    }
+    let at = |case: &str, c: usize| {
+        rows.iter().find(|r| r.case == case && r.concurrency == c).map_or(f64::NAN, |r| r.rows_per_s)
+    };
+    let off32 = at("worker, batching off", 32);
+    let dyn32 = at("worker, dynamic batching", 32);
+    let off1 = at("worker, batching off", 1);
+    let dyn64 = at("worker, dynamic batching", 64);
+    println!();
+    println!(
+        "dynamic batching at concurrency 32: {:.2}× batching off (target ≥ 3×)",
+        dyn32 / off32
+    );
+    println!(
+        "worker over gRPC vs raw ONNX Runtime, same policy: batch 1 at concurrency 1: {:.2}×; dynamic batching at concurrency 64 vs raw batch {MAX_BATCH}: {:.2}× (target ≥ 0.9×)",
+        off1 / raw_b1,
+        dyn64 / raw_max
+    );
+}
