@@ -12,7 +12,6 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
@@ -220,7 +219,7 @@ impl Node {
                 async move {
                     router
                         .serve_with_incoming_shutdown(
-                            TcpListenerStream::new(grpc_listener),
+                            no_delay(grpc_listener),
                             stop.cancelled_owned(),
                         )
                         .await
@@ -457,9 +456,21 @@ async fn report_health(
     }
 }
 
+/// Accepted connections with Nagle's algorithm off. Serving from our own
+/// listener bypasses the server builder's `tcp_nodelay`, and with Nagle on,
+/// small gRPC responses wait for the peer's delayed ACK (~40 ms a request).
+fn no_delay(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 fn spawn_http(listener: TcpListener, router: Router, stop: CancellationToken) -> JoinHandle<()> {
     tokio::spawn(
         async move {
+            use axum::serve::ListenerExt as _;
+            // Nagle off, as for gRPC: small responses must not wait for delayed ACKs.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             if let Err(error) = axum::serve(listener, router)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
