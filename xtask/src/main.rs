@@ -123,7 +123,10 @@ fn run(task: Task) -> anyhow::Result<()> {
         // A benchmark needs ONNX Runtime, not the test servers.
         deps::onnxruntime(Progress::Stdout)?;
         let (package, target) = bench.target();
-        return run_step("bench", cargo().args(["bench", "--package", package, "--bench", target]));
+        return run_step(
+            "bench",
+            cargo().args(["bench", "--package", package, "--bench", target]),
+        );
     }
     deps::install()?;
     match task {
@@ -246,7 +249,10 @@ mod tests {
         assert_eq!(parse(&args(&["test"])).unwrap(), Task::Test);
         assert_eq!(parse(&args(&["ci"])).unwrap(), Task::Ci);
         assert_eq!(parse(&args(&["ort-path"])).unwrap(), Task::OrtPath);
-        assert_eq!(parse(&args(&["bench", "worker"])).unwrap(), Task::Bench(Bench::Worker));
+        assert_eq!(
+            parse(&args(&["bench", "worker"])).unwrap(),
+            Task::Bench(Bench::Worker)
+        );
         assert!(parse(&args(&["bench"])).is_err());
         assert!(parse(&args(&["bench", "nope"])).is_err());
         assert!(parse(&args(&["bench", "worker", "extra"])).is_err());
