@@ -19,12 +19,16 @@
 //! # }
 //! ```
 //!
+//! [`SandboxBuilder::worker_with_models`] starts a worker serving a model repository (lay one
+//! out with `lmgrid_test_support::onnx::model_repository`).
+//!
 //! [`connect`], [`health_status`], [`http_get`] and the `wait_for_*` pollers are the clients
 //! the tests use to look at an instance from outside.
 
 mod probe;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,7 +60,10 @@ pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// A kind of lmgrid service to start in a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Service {
+    /// A worker without models.
     Worker,
+    /// A worker serving the model repository in this directory.
+    WorkerWithModels(PathBuf),
     Dispatcher,
     Registry,
     Notification,
@@ -70,7 +77,7 @@ impl Service {
     /// The service's name in discovery and health (`model-registry`, not `registry`).
     pub fn name(&self) -> &'static str {
         match self {
-            Service::Worker => lmgrid_worker::SERVICE,
+            Service::Worker | Service::WorkerWithModels(_) => lmgrid_worker::SERVICE,
             Service::Dispatcher => lmgrid_dispatcher::SERVICE,
             Service::Registry => lmgrid_model_registry::SERVICE,
             Service::Notification => lmgrid_notification::SERVICE,
@@ -100,6 +107,12 @@ struct Settings {
 impl SandboxBuilder {
     pub fn worker(self) -> Self {
         self.service(Service::Worker)
+    }
+
+    /// A worker serving the model repository in `dir` (`<model>/config.yaml`,
+    /// `<model>/<version>/model.onnx`); it registers once every model was tried.
+    pub fn worker_with_models(self, dir: impl Into<PathBuf>) -> Self {
+        self.service(Service::WorkerWithModels(dir.into()))
     }
 
     pub fn dispatcher(self) -> Self {
@@ -320,8 +333,17 @@ impl Sandbox {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let (started, (task, outcome)) = match service {
-            Service::Worker => {
-                let s = lmgrid_worker::Worker::start(lmgrid_worker::Config { node }).await?;
+            Service::Worker | Service::WorkerWithModels(_) => {
+                let model_repository = match &service {
+                    Service::WorkerWithModels(dir) => Some(dir.clone()),
+                    _ => None,
+                };
+                let s = lmgrid_worker::Worker::start(lmgrid_worker::Config {
+                    node,
+                    model_repository,
+                    onnxruntime: Default::default(),
+                })
+                .await?;
                 let started = Started::new(s.id(), s.grpc_addr(), s.admin_addr(), None);
                 (started, spawn_run(s.run(token)))
             }

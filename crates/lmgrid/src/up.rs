@@ -58,6 +58,15 @@ pub(crate) async fn run(args: UpArgs) -> ExitCode {
         eprintln!("lmgrid: --http and --grpc must be different addresses");
         return ExitCode::from(crate::EXIT_CONFIG);
     }
+    if let Some(dir) = &args.model_repository
+        && !dir.is_dir()
+    {
+        eprintln!(
+            "lmgrid: --model-repository {} is not a directory",
+            dir.display()
+        );
+        return ExitCode::from(crate::EXIT_CONFIG);
+    }
     let telemetry_config = TelemetryConfig {
         log_format: match args.log_format {
             LogFormatArg::Plain => LogFormat::Plain,
@@ -124,11 +133,6 @@ async fn up(
     let internal: SocketAddr = ([127, 0, 0, 1], 0).into();
 
     // Bind every port before serving anything, so a port in use fails fast.
-    if let Some(dir) = &args.model_repository
-        && !dir.is_dir()
-    {
-        anyhow::bail!("--model-repository {} is not a directory", dir.display());
-    }
     let worker = lmgrid_worker::Worker::start(lmgrid_worker::Config {
         node: node("worker", internal),
         model_repository: args.model_repository.clone(),

@@ -1,6 +1,6 @@
 //! The `lmgrid` binary from the outside, as an operator or Kubernetes runs it: config errors
 //! and their exit status, `--help`, discovery and signals of a real `lmgrid worker` process,
-//! and a whole `lmgrid up` platform on free ports.
+//! and a whole `lmgrid up` platform on free ports, serving an ONNX model on its public port.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -11,6 +11,10 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use lmgrid_core::config::EtcdConfig;
 use lmgrid_core::discovery::{Discovery as _, EtcdDiscovery, Membership};
+use lmgrid_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use lmgrid_proto::inference::model_infer_request::InferInputTensor;
+use lmgrid_proto::inference::{InferTensorContents, ModelInferRequest};
+use lmgrid_test_support::onnx;
 use lmgrid_test_support::{EtcdServer, free_port, wait_until};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -405,6 +409,10 @@ async fn a_terminated_worker_deregisters_drains_and_exits_0() -> anyhow::Result<
 async fn lmgrid_up_serves_the_whole_platform_and_stops_on_sigterm() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let data_dir = data.path().join("lmgrid-data");
+    let models = data.path().join("models");
+    let mlp = onnx::mlp(32, 64, 2, 8, 2024);
+    let config = "max_batch_size: 16\ndynamic_batching:\n  max_queue_delay: 2ms\n";
+    onnx::model_repository(&models, "mlp", &[("1", &mlp.model)], config)?;
     let [http, grpc] = free_addrs();
     let mut command = lmgrid();
     command
@@ -414,7 +422,9 @@ async fn lmgrid_up_serves_the_whole_platform_and_stops_on_sigterm() -> anyhow::R
         .arg("--http")
         .arg(http.to_string())
         .arg("--grpc")
-        .arg(grpc.to_string());
+        .arg(grpc.to_string())
+        .arg("--model-repository")
+        .arg(&models);
     let mut running = Running::spawn(&mut command, "lmgrid up")?;
 
     // Ready means every service is up.
@@ -460,9 +470,77 @@ async fn lmgrid_up_serves_the_whole_platform_and_stops_on_sigterm() -> anyhow::R
     assert_eq!(status, 404, "{body}");
     assert!(body.contains(r#""code":"not_found""#), "{body}");
 
+    // An Open Inference Protocol client on the public gRPC port gets the model's answers.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?
+        .connect()
+        .await?;
+    let mut oip = GrpcInferenceServiceClient::new(channel);
+    for rows in [1, 3, 16] {
+        let x = onnx::random_f32(rows as u64, rows * 32);
+        let request = ModelInferRequest {
+            model_name: "mlp".to_string(),
+            inputs: vec![InferInputTensor {
+                name: "x".to_string(),
+                datatype: "FP32".to_string(),
+                shape: vec![rows as i64, 32],
+                contents: Some(InferTensorContents {
+                    fp32_contents: x.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let response = oip.model_infer(request).await?.into_inner();
+        let output = &response.outputs[0];
+        assert_eq!(
+            (output.name.as_str(), output.datatype.as_str()),
+            ("y", "FP32")
+        );
+        assert_eq!(output.shape, vec![rows as i64, 8]);
+        let y = output.contents.clone().unwrap_or_default().fp32_contents;
+        let want = mlp.reference(&x);
+        assert_eq!(y.len(), want.len());
+        for (i, (got, want)) in y.iter().zip(&want).enumerate() {
+            assert!(
+                (got - want).abs() <= 1e-5,
+                "{rows} rows, element {i}: {got} vs {want}"
+            );
+        }
+    }
+
     running.terminate()?;
     let status = running.exit_status(PATIENCE).await?;
     assert_eq!(status.code(), Some(0), "exited {status} after SIGTERM");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lmgrid_up_refuses_a_missing_model_repository() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let missing = data.path().join("no-such-models");
+    let [http, grpc] = free_addrs();
+    let mut running = Running::spawn(
+        lmgrid()
+            .arg("up")
+            .arg("--data-dir")
+            .arg(data.path().join("lmgrid-data"))
+            .arg("--http")
+            .arg(http.to_string())
+            .arg("--grpc")
+            .arg(grpc.to_string())
+            .arg("--model-repository")
+            .arg(&missing),
+        "lmgrid up",
+    )?;
+    let status = running.exit_status(PATIENCE).await?;
+    let stderr = running.stderr();
+    assert_eq!(status.code(), Some(EXIT_CONFIG), "{stderr}");
+    let expected = format!(
+        "--model-repository {} is not a directory",
+        missing.display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
     Ok(())
 }
 

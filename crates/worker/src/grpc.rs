@@ -156,8 +156,8 @@ fn decode_inputs(
         }
         if rows == 0 || rows > model.config.max_batch_size {
             return Err(invalid(format!(
-                "batch size {rows} is outside 1..={} for model '{}'",
-                model.config.max_batch_size, model.name
+                "input '{}': batch size {rows} is outside 1..={} for model '{}'",
+                ordered[0].name, model.config.max_batch_size, model.name
             )));
         }
         rows
@@ -209,7 +209,15 @@ impl WorkerApi {
         started: Instant,
     ) -> Result<oip_pb::ModelInferResponse, Status> {
         let raw = !request.raw_input_contents.is_empty();
-        // Which outputs, in what order: as requested, else all.
+        // Which outputs, in what order: as requested, else all. Checked before
+        // anything is computed.
+        let mut named = HashSet::new();
+        if let Some(twice) = request.outputs.iter().find(|o| !named.insert(&o.name)) {
+            return Err(invalid(format!(
+                "output '{}' is requested twice",
+                twice.name
+            )));
+        }
         let wanted: Vec<usize> = if request.outputs.is_empty() {
             (0..model.signature.outputs.len()).collect()
         } else {
@@ -297,7 +305,9 @@ impl WorkerApi {
         };
         for index in wanted {
             let Some(tensor) = outputs.get_mut(index).and_then(Option::take) else {
-                return Err(invalid("an output is requested twice"));
+                return Err(
+                    ErrorKind::Internal.status("the model returned fewer outputs than it declares")
+                );
             };
             let (output, bytes) = tensor.into_response(raw);
             response.outputs.push(output);

@@ -189,20 +189,20 @@ impl ModelManager {
             },
             None => files.selected(),
         };
+        let selected: Vec<u64> = wanted.iter().map(|(v, _)| *v).collect();
         {
             let mut table = self.write();
             let entry = table.entry(name.to_string()).or_default();
             entry.failure = None;
-            if version.is_none() {
-                entry
-                    .versions
-                    .retain(|v, _| wanted.iter().any(|(w, _)| w == v));
-            }
-            for (v, _) in &wanted {
-                entry.versions.insert(*v, Slot::Loading);
+            // A version that is serving keeps serving until its reload is done.
+            for v in &selected {
+                if !matches!(entry.versions.get(v), Some(Slot::Ready(_))) {
+                    entry.versions.insert(*v, Slot::Loading);
+                }
             }
         }
         self.changed();
+        let mut failures: Vec<String> = Vec::new();
         for (v, path) in wanted {
             let runtime = self.runtime.clone();
             let config = files.config.clone();
@@ -232,12 +232,49 @@ impl ModelManager {
                     Slot::Failed(error)
                 }
             };
+            let mut table = self.write();
+            let entry = table.entry(name.to_string()).or_default();
+            if let (Slot::Failed(error), Some(Slot::Ready(_))) = (&slot, entry.versions.get(&v)) {
+                // A failed reload keeps the version that was serving.
+                tracing::warn!(
+                    model = name,
+                    version = v,
+                    error,
+                    "reload failed; the loaded version keeps serving"
+                );
+                drop(table);
+                failures.push(error.clone());
+                continue;
+            }
+            drop(table);
             self.write()
                 .entry(name.to_string())
                 .or_default()
                 .versions
                 .insert(v, slot);
             self.changed();
+        }
+        // Versions the policy no longer selects go only now that their
+        // successors are ready, so requests never find the model without a
+        // ready version; if none of the selected ones loaded, they stay.
+        if version.is_none() {
+            let mut table = self.write();
+            if let Some(entry) = table.get_mut(name) {
+                let successor = selected
+                    .iter()
+                    .any(|v| matches!(entry.versions.get(v), Some(Slot::Ready(_))));
+                if successor {
+                    entry.versions.retain(|v, _| selected.contains(v));
+                }
+            }
+            drop(table);
+            self.changed();
+        }
+        if !failures.is_empty() {
+            return Err(ManageError::Failed(format!(
+                "reload of model '{name}' failed, the loaded version keeps serving: {}",
+                failures.join("; ")
+            )));
         }
         Ok(self
             .statuses()

@@ -29,6 +29,9 @@ pub struct ModelConfig {
     /// ONNX Runtime intra-op threads per session.
     pub intra_op_threads: usize,
     pub execution_provider: ProviderConfig,
+    /// `{latest: N}`, `all` or `{specific: [..]}`: a one-key map, which the YAML
+    /// deserializer reads as an enum only when told to (it expects `!latest N`).
+    #[serde(with = "yaml_serde::with::singleton_map")]
     pub version_policy: VersionPolicy,
     /// Largest tensor accepted, in elements; larger → RESOURCE_EXHAUSTED.
     pub max_input_elements: usize,

@@ -519,11 +519,7 @@ pub fn split(tensor: &Tensor, batches: &[usize]) -> Option<Vec<Tensor>> {
     if tensor.batch() != total || tensor.shape.is_empty() {
         return None;
     }
-    let row = if total == 0 {
-        0
-    } else {
-        tensor.data.len() / total
-    };
+    let row = tensor.data.len().checked_div(total).unwrap_or(0);
     let mut start = 0;
     let mut parts = Vec::with_capacity(batches.len());
     for &rows in batches {

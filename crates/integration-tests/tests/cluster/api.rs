@@ -1,5 +1,5 @@
-//! The gRPC surface: server-level answers are true, model RPCs say they are not there yet,
-//! and reflection lists what is served.
+//! The gRPC surface: server-level answers are true, a worker without models says so, RPCs
+//! that are not there yet say which issue brings them, and reflection lists what is served.
 
 use anyhow::Context as _;
 use lmgrid_integration_tests::{Sandbox, connect};
@@ -24,9 +24,15 @@ fn assert_unimplemented<T: std::fmt::Debug>(result: Result<T, tonic::Status>, rp
     assert!(status.message().contains(rpc), "{rpc}: {status:?}");
 }
 
+/// Asserts that `result` is `code` with a message containing `needle`.
+fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
+    let status = result.expect_err(needle);
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(needle), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_worker_answers_server_rpcs_and_says_model_rpcs_are_unimplemented() -> anyhow::Result<()>
-{
+async fn a_worker_without_models_answers_server_rpcs_and_serves_no_model() -> anyhow::Result<()> {
     let etcd = EtcdServer::start().await?;
     let sandbox = Sandbox::builder(&etcd).worker().build().await?;
     let channel = connect(sandbox.node("worker").grpc_addr()).await?;
@@ -50,22 +56,16 @@ async fn a_worker_answers_server_rpcs_and_says_model_rpcs_are_unimplemented() ->
         .into_inner();
     assert_eq!(metadata.name, "lmgrid");
     assert_eq!(metadata.version, lmgrid_core::VERSION);
-    assert_unimplemented(
-        oip.model_infer(ModelInferRequest {
-            model_name: "mlp".to_string(),
-            ..Default::default()
-        })
-        .await,
-        "ModelInfer",
-    );
-    assert_unimplemented(
-        oip.model_ready(ModelReadyRequest {
-            name: "mlp".to_string(),
-            version: String::new(),
-        })
-        .await,
-        "ModelReady",
-    );
+    let infer = ModelInferRequest {
+        model_name: "mlp".to_string(),
+        ..Default::default()
+    };
+    assert_code(oip.model_infer(infer).await, Code::NotFound, "'mlp'");
+    let ready = ModelReadyRequest {
+        name: "mlp".to_string(),
+        version: String::new(),
+    };
+    assert_code(oip.model_ready(ready).await, Code::NotFound, "'mlp'");
 
     let mut control =
         pb::worker_control_service_client::WorkerControlServiceClient::new(channel.clone());
@@ -79,10 +79,12 @@ async fn a_worker_answers_server_rpcs_and_says_model_rpcs_are_unimplemented() ->
         .await?
         .into_inner();
     assert_eq!((stats.in_flight, stats.queue_depth), (0, 0));
-    assert_unimplemented(
-        control.load_model(pb::LoadModelRequest::default()).await,
-        "LoadModel",
-    );
+    let load = pb::LoadModelRequest {
+        name: "mlp".to_string(),
+        version: String::new(),
+    };
+    let result = control.load_model(load).await;
+    assert_code(result, Code::NotFound, "no model repository");
 
     let mut generation = pb::generation_service_client::GenerationServiceClient::new(channel);
     assert_unimplemented(
@@ -127,10 +129,8 @@ async fn every_service_names_the_rpcs_it_does_not_implement_yet() -> anyhow::Res
             .name,
         "lmgrid"
     );
-    assert_unimplemented(
-        oip.model_infer(ModelInferRequest::default()).await,
-        "ModelInfer",
-    );
+    let result = oip.model_infer(ModelInferRequest::default()).await;
+    assert_code(result, Code::InvalidArgument, "model name is empty");
     let mut embeddings = pb::embedding_service_client::EmbeddingServiceClient::new(gateway);
     assert_unimplemented(embeddings.embed(pb::EmbedRequest::default()).await, "Embed");
     Ok(())

@@ -177,7 +177,10 @@ async fn start_fails_fast_with_an_etcd_error_when_etcd_is_unreachable() {
     // The bound is loose on purpose: the point is that start gives up instead of hanging.
     let result = tokio::time::timeout(
         Duration::from_secs(20),
-        lmgrid_worker::Worker::start(lmgrid_worker::Config { node }),
+        lmgrid_worker::Worker::start(lmgrid_worker::Config {
+            node,
+            ..Default::default()
+        }),
     )
     .await
     .expect("Worker::start kept waiting for an unreachable etcd");

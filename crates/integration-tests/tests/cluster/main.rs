@@ -6,6 +6,8 @@
 //! - `health`: `/livez`, `/readyz`, `/metrics` and `grpc.health.v1` tell the truth as
 //!   instances start, become ready, and drain, including the gateway's view of its peers.
 //! - `api`: the gRPC surface answers what it implements and says what it does not.
+//! - `inference`: the gateway forwards Open Inference Protocol model RPCs to a worker that
+//!   serves the model, and traffic survives a worker leaving.
 //!
 //! Every test starts its own etcd and keeps its keys under a unique prefix, so tests run in
 //! any order and in parallel.
@@ -13,4 +15,5 @@
 mod api;
 mod discovery;
 mod health;
+mod inference;
 mod shutdown;

@@ -1,0 +1,15 @@
+//! The worker from the outside, over gRPC: a real worker on a loopback port serving a model
+//! repository of small ONNX models in a temporary directory, with in-process discovery.
+//!
+//! - `datatypes`: every datatype round-trips exactly; outputs come back as named.
+//! - `batching`: batched equals unbatched; shapes never mix; full queues and deadlines.
+//! - `errors`: bad requests get the right code and a message naming what is wrong.
+//! - `lifecycle`: unload and reload under traffic; failed loads leave the rest serving.
+//! - `models`: version policies, metadata, execution providers, the record in discovery.
+
+mod batching;
+mod datatypes;
+mod errors;
+mod lifecycle;
+mod models;
+mod support;
