@@ -16,6 +16,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::batcher::{BatchError, BatchKey, Job};
+use crate::gpu::GpuReadings;
 use crate::models::{LoadedVersion, ManageError, ModelManager, ResolveError, VersionState};
 use crate::tensor::{DecodeError, Tensor};
 
@@ -27,11 +28,16 @@ const PLATFORM: &str = "onnxruntime_onnx";
 pub(crate) struct WorkerApi {
     readiness: Readiness,
     models: Arc<ModelManager>,
+    gpus: GpuReadings,
 }
 
 impl WorkerApi {
-    pub(crate) fn new(readiness: Readiness, models: Arc<ModelManager>) -> Self {
-        WorkerApi { readiness, models }
+    pub(crate) fn new(readiness: Readiness, models: Arc<ModelManager>, gpus: GpuReadings) -> Self {
+        WorkerApi {
+            readiness,
+            models,
+            gpus,
+        }
     }
 
     fn resolve(&self, name: &str, version: &str) -> Result<Arc<LoadedVersion>, Status> {
@@ -525,12 +531,19 @@ impl pb::worker_control_service_server::WorkerControlService for WorkerApi {
                 queue_depth: u32::try_from(l.batcher.queue_depth()).unwrap_or(u32::MAX),
             })
             .collect();
+        let gpus = self.gpus.latest();
+        let gpu_utilization = if gpus.is_empty() {
+            0.0
+        } else {
+            (gpus.iter().map(|g| g.utilization).sum::<f64>() / gpus.len() as f64 * 100.0) as f32
+        };
         Ok(Response::new(pb::WorkerStats {
             in_flight: load.in_flight,
             queue_depth: load.queue_depth,
             models,
             accelerator: load.accelerator,
-            ..Default::default()
+            gpu_utilization,
+            gpu_memory_used_bytes: gpus.iter().map(|g| g.memory_used_bytes).sum(),
         }))
     }
 }

@@ -9,6 +9,7 @@
 
 mod batcher;
 pub mod engine;
+mod gpu;
 mod grpc;
 mod metrics;
 pub mod models;
@@ -133,13 +134,16 @@ impl Worker {
                 publish(models, base, updates, loaded).await;
             }
         });
-        let api = grpc::WorkerApi::new(node.readiness().clone(), models);
+        let gpus = gpu::GpuReadings::default();
+        let gpu_monitor = tokio::spawn(gpu::monitor(models.clone(), gpus.clone()));
+        let api = grpc::WorkerApi::new(node.readiness().clone(), models, gpus);
         let routes = Routes::new(GrpcInferenceServiceServer::new(api.clone()))
             .add_service(GenerationServiceServer::new(api.clone()))
             .add_service(EmbeddingServiceServer::new(api.clone()))
             .add_service(WorkerControlServiceServer::new(api));
         let result = node.run(routes, shutdown).await;
         background.abort();
+        gpu_monitor.abort();
         result
     }
 }
