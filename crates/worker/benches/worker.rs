@@ -10,7 +10,7 @@
 //! The model is an MLP fixture built by `lmgrid-test-support`. Sizes and
 //! duration can be changed with `LMGRID_BENCH_SECONDS`,
 //! `LMGRID_BENCH_MLP=in,hidden,layers,out` and `LMGRID_BENCH_DELAY` (the
-//! batcher's `max_queue_delay`, default 1ms).
+//! batcher's `max_queue_delay`, default 200us).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,7 +59,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| vec![256, 1024, 2, 256]);
     let (input, hidden, layers, output) = (sizes[0], sizes[1], sizes[2], sizes[3]);
     let mlp = onnx::mlp(input, hidden, layers, output, 7);
-    let delay = std::env::var("LMGRID_BENCH_DELAY").unwrap_or_else(|_| "1ms".to_string());
+    let delay = std::env::var("LMGRID_BENCH_DELAY").unwrap_or_else(|_| "200us".to_string());
 
     let dir = tempfile::tempdir()?;
     onnx::model_repository(

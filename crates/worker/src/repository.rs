@@ -72,7 +72,7 @@ pub struct DynamicBatching {
 impl Default for DynamicBatching {
     fn default() -> Self {
         DynamicBatching {
-            max_queue_delay: Duration::from_millis(1),
+            max_queue_delay: Duration::from_micros(200),
             preferred_batch_sizes: Vec::new(),
             max_queue_size: 1024,
             priority_levels: 1,
