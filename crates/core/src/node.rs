@@ -136,16 +136,8 @@ impl Node {
 
     /// The record this instance registers, before any service additions.
     pub fn instance(&self) -> Instance {
-        Instance {
-            service: self.service.to_string(),
-            id: self.id.clone(),
-            address: advertise_address(&self.config, self.grpc_addr),
-            version: crate::VERSION.to_string(),
-            zone: self.config.zone.clone(),
-            models: Vec::new(),
-            load: None,
-            metadata: Default::default(),
-        }
+        base_instance(&self.config, self.service, &self.id, self.grpc_addr)
+    }
     }
 
     /// Serves another HTTP router (the gateway's public API) with the same
