@@ -138,7 +138,6 @@ impl Node {
     pub fn instance(&self) -> Instance {
         base_instance(&self.config, self.service, &self.id, self.grpc_addr)
     }
-    }
 
     /// Serves another HTTP router (the gateway's public API) with the same
     /// lifecycle as the gRPC server.
