@@ -33,6 +33,8 @@ IR_VERSION = 8
 MAX_SEQ_LENGTH = 256
 CONFIG_YAML = """\
 # all-MiniLM-L6-v2 sentence embeddings, written by `cargo xtask models`.
+# An embedding model: served by EmbeddingService/Embed with tokenizer.json.
+kind: embedding
 max_batch_size: 32
 dynamic_batching:
   max_queue_delay: 2ms

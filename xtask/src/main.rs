@@ -19,9 +19,11 @@ usage: cargo xtask <command>
 
 commands:
   deps      install what the tests need (etcd, redis-server, promtool, cargo-nextest,
-            ONNX Runtime from PyPI into the cache directory); idempotent
-  test      deps, then the workspace tests
-  ci        deps, rustfmt check, clippy with -D warnings, then the workspace tests
+            ONNX Runtime from PyPI into the cache directory, the converted models);
+            idempotent
+  test      deps, models --verify, then the workspace tests
+  ci        deps, models --verify, rustfmt check, clippy with -D warnings, then the
+            workspace tests
   bench worker
             benchmark the worker against raw ONNX Runtime (dynamic batching,
             gRPC overhead); prints a table
@@ -147,6 +149,9 @@ fn run(task: Task) -> anyhow::Result<()> {
         );
     }
     deps::install()?;
+    // The worker's embedding tests serve the converted MiniLM; the test runs
+    // also check every converted model against its numpy reference.
+    models::run(matches!(task, Task::Test | Task::Ci))?;
     match task {
         Task::Deps | Task::OrtPath | Task::Help | Task::Bench(_) | Task::Models { .. } => Ok(()),
         Task::Test => tests(),

@@ -27,18 +27,35 @@ use crate::repository::DynamicBatching;
 use crate::tensor::{self, DataType, Tensor};
 
 /// What makes two requests batchable together: each input's datatype and
-/// dimensions after the first.
+/// dimensions after the first, or, for padded requests, after the second.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct BatchKey(Vec<(DataType, Vec<i64>)>);
+pub(crate) struct BatchKey {
+    inputs: Vec<(DataType, Vec<i64>)>,
+    padded: bool,
+}
 
 impl BatchKey {
+    /// Requests that batch only with requests of the same shape.
     pub(crate) fn of(inputs: &[Tensor]) -> BatchKey {
-        BatchKey(
-            inputs
+        BatchKey::from_dims(inputs, 1, false)
+    }
+
+    /// Sequence requests (`[batch, length]` inputs, zero the padding value,
+    /// the padding masked by the model) that batch whatever their length:
+    /// the batch is padded to its longest sequence. Never mixed with
+    /// unpadded requests.
+    pub(crate) fn padded(inputs: &[Tensor]) -> BatchKey {
+        BatchKey::from_dims(inputs, 2, true)
+    }
+
+    fn from_dims(inputs: &[Tensor], skip: usize, padded: bool) -> BatchKey {
+        BatchKey {
+            inputs: inputs
                 .iter()
-                .map(|t| (t.dtype(), t.shape.get(1..).unwrap_or_default().to_vec()))
+                .map(|t| (t.dtype(), t.shape.get(skip..).unwrap_or_default().to_vec()))
                 .collect(),
-        )
+            padded,
+        }
     }
 }
 
@@ -375,6 +392,9 @@ fn execute(shared: &Shared, session: &mut Session, mut jobs: Vec<Job>) {
     let inputs = if jobs.len() == 1 {
         std::mem::take(&mut jobs[0].inputs)
     } else {
+        if jobs[0].key.padded {
+            pad_to_longest(&mut jobs);
+        }
         let count = jobs[0].inputs.len();
         (0..count)
             .map(|k| tensor::concat(&jobs.iter().map(|j| &j.inputs[k]).collect::<Vec<_>>()))
@@ -427,6 +447,22 @@ fn execute(shared: &Shared, session: &mut Session, mut jobs: Vec<Job>) {
     }
     let left = shared.in_flight.fetch_sub(rows.len(), Ordering::Relaxed) - rows.len();
     shared.metrics.in_flight.set(gauge(left));
+}
+
+/// Pads every input of padded jobs to the longest sequence among them.
+fn pad_to_longest(jobs: &mut [Job]) {
+    let longest = jobs
+        .iter()
+        .flat_map(|j| j.inputs.iter().filter_map(|t| t.shape.get(1).copied()))
+        .max()
+        .and_then(|l| usize::try_from(l).ok())
+        .unwrap_or(0);
+    for job in jobs {
+        job.inputs = std::mem::take(&mut job.inputs)
+            .into_iter()
+            .map(|t| tensor::pad_sequence(t, longest))
+            .collect();
+    }
 }
 
 #[cfg(test)]
@@ -494,6 +530,31 @@ mod tests {
         assert_eq!(s.queued, 2);
         assert_eq!(s.queues[0].len(), 1);
         assert_eq!(s.queues[1][0].rows, 4);
+    }
+
+    #[test]
+    fn padded_jobs_batch_across_lengths_and_are_padded_to_the_longest() {
+        let ids = |rows: i64, length: i64| Tensor {
+            name: "input_ids".into(),
+            shape: vec![rows, length],
+            data: TensorData::Int64((1..=rows * length).collect()),
+        };
+        assert_ne!(BatchKey::of(&[ids(1, 3)]), BatchKey::of(&[ids(1, 5)]));
+        assert_eq!(
+            BatchKey::padded(&[ids(1, 3)]),
+            BatchKey::padded(&[ids(2, 5)])
+        );
+        assert_ne!(BatchKey::padded(&[ids(1, 3)]), BatchKey::of(&[ids(1, 3)]));
+
+        let (mut short, _rs) = job(1, 1, 0);
+        short.inputs = vec![ids(1, 2)];
+        let (mut long, _rl) = job(1, 1, 0);
+        long.inputs = vec![ids(1, 4)];
+        let mut jobs = vec![short, long];
+        pad_to_longest(&mut jobs);
+        assert_eq!(jobs[0].inputs[0].shape, vec![1, 4]);
+        assert_eq!(jobs[0].inputs[0].data, TensorData::Int64(vec![1, 2, 0, 0]));
+        assert_eq!(jobs[1].inputs[0].data, TensorData::Int64(vec![1, 2, 3, 4]));
     }
 
     #[test]

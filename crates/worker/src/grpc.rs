@@ -1,5 +1,6 @@
 //! The worker's gRPC APIs: the Open Inference Protocol over the model table
-//! and the batchers, and worker control (load, unload, list, stats).
+//! and the batchers, embeddings (see `embedding`), and worker control (load,
+//! unload, list, stats).
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -18,9 +19,10 @@ use tonic::{Request, Response, Status};
 use crate::batcher::{BatchError, BatchKey, Job};
 use crate::gpu::GpuReadings;
 use crate::models::{LoadedVersion, ManageError, ModelManager, ResolveError, VersionState};
+use crate::repository::ModelKind;
 use crate::tensor::{DecodeError, Tensor};
 
-const LM_ISSUE: &str = "the real language models issue (SmolLM2 generation, MiniLM embeddings)";
+const LM_ISSUE: &str = "the real language models issue (SmolLM2 generation)";
 /// The platform name models report in `ModelMetadata`, as Triton names it.
 const PLATFORM: &str = "onnxruntime_onnx";
 
@@ -183,6 +185,41 @@ fn batch_status(error: BatchError) -> Status {
     kind.status(error.to_string())
 }
 
+/// Runs one job on a model version's batcher and waits for its outputs, or
+/// the deadline. `priority` counts from 0, the highest.
+pub(crate) async fn compute(
+    model: &LoadedVersion,
+    inputs: Vec<Tensor>,
+    key: BatchKey,
+    rows: usize,
+    priority: usize,
+    deadline: Option<Instant>,
+) -> Result<Vec<Tensor>, Status> {
+    let (reply, receiver) = oneshot::channel();
+    model
+        .batcher
+        .submit(Job {
+            key,
+            inputs,
+            rows,
+            priority,
+            deadline,
+            enqueued: Instant::now(),
+            reply,
+        })
+        .map_err(batch_status)?;
+    let answer = match deadline {
+        Some(at) => match tokio::time::timeout_at(at.into(), receiver).await {
+            Ok(answer) => answer,
+            Err(_) => return Err(batch_status(BatchError::DeadlineExceeded)),
+        },
+        None => receiver.await,
+    };
+    answer
+        .map_err(|_| ErrorKind::Internal.status("the model instance stopped before answering"))?
+        .map_err(batch_status)
+}
+
 impl WorkerApi {
     async fn infer(
         &self,
@@ -277,29 +314,9 @@ impl WorkerApi {
             grpc_deadline,
             timeout_us.map(|us| started + std::time::Duration::from_micros(us)),
         );
-        let (reply, receiver) = oneshot::channel();
-        model
-            .batcher
-            .submit(Job {
-                key: BatchKey::of(&inputs),
-                inputs,
-                rows,
-                priority: level - 1,
-                deadline,
-                enqueued: Instant::now(),
-                reply,
-            })
-            .map_err(batch_status)?;
-        let answer = match deadline {
-            Some(at) => match tokio::time::timeout_at(at.into(), receiver).await {
-                Ok(answer) => answer,
-                Err(_) => return Err(batch_status(BatchError::DeadlineExceeded)),
-            },
-            None => receiver.await,
-        };
-        let mut outputs = answer
-            .map_err(|_| ErrorKind::Internal.status("the model instance stopped before answering"))?
-            .map_err(batch_status)?
+        let key = BatchKey::of(&inputs);
+        let mut outputs = compute(model, inputs, key, rows, level - 1, deadline)
+            .await?
             .into_iter()
             .map(Some)
             .collect::<Vec<_>>();
@@ -437,9 +454,24 @@ impl pb::generation_service_server::GenerationService for WorkerApi {
 impl pb::embedding_service_server::EmbeddingService for WorkerApi {
     async fn embed(
         &self,
-        _: Request<pb::EmbedRequest>,
+        request: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
-        Err(not_yet_implemented("Embed", LM_ISSUE))
+        let started = Instant::now();
+        let deadline = deadline::from_metadata(request.metadata());
+        let mut request = request.into_inner();
+        let name = request.model.take().unwrap_or_default();
+        let model = self.resolve(&name.name, &name.version)?;
+        let result = crate::embedding::embed(&model, request, deadline).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(status) => status.code().description(),
+        };
+        model.metrics.request(outcome);
+        model
+            .metrics
+            .request_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result.map(Response::new)
     }
 }
 
@@ -464,7 +496,10 @@ fn to_proto(status: crate::models::ModelStatus) -> pb::WorkerModel {
     pb::WorkerModel {
         name: status.name,
         version: status.version,
-        kind: pb::ModelKind::Tensor as i32,
+        kind: match status.kind {
+            ModelKind::Tensor => pb::ModelKind::Tensor,
+            ModelKind::Embedding => pb::ModelKind::Embedding,
+        } as i32,
         state: match status.state {
             VersionState::Loading => pb::ModelState::Loading,
             VersionState::Ready => pb::ModelState::Ready,

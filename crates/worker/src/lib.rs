@@ -4,10 +4,13 @@
 //! model version, takes load/unload/reload through worker control, and
 //! registers in discovery with the models it serves and its load.
 //!
-//! Generation and embeddings (lmgrid.v1) arrive with the language-model
-//! issue and answer `UNIMPLEMENTED` until then.
+//! Models of kind `embedding` are also served by `lmgrid.v1.EmbeddingService`
+//! (tokenized here, batched across requests of any length). Generation
+//! arrives with the language-model issue and answers `UNIMPLEMENTED` until
+//! then.
 
 mod batcher;
+mod embedding;
 pub mod engine;
 mod gpu;
 mod grpc;

@@ -13,9 +13,10 @@ use lmgrid_core::discovery::{Load, ServedModel};
 use tokio::sync::watch;
 
 use crate::batcher::{Batcher, Policy};
+use crate::embedding::Embedder;
 use crate::engine::{OnnxRuntimeConfig, Runtime, Signature};
 use crate::metrics::VersionMetrics;
-use crate::repository::{ModelConfig, ModelSource};
+use crate::repository::{ModelConfig, ModelKind, ModelSource};
 
 /// The state of one model version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,7 @@ pub enum VersionState {
 pub struct ModelStatus {
     pub name: String,
     pub version: String,
+    pub kind: ModelKind,
     pub state: VersionState,
     pub error: String,
     pub execution_provider: String,
@@ -47,6 +49,8 @@ pub struct LoadedVersion {
     pub provider: String,
     pub(crate) batcher: Batcher,
     pub(crate) metrics: VersionMetrics,
+    /// The tokenizer of an embedding model; `None` for tensor models.
+    pub(crate) embedder: Option<Embedder>,
 }
 
 #[derive(Debug)]
@@ -60,6 +64,8 @@ enum Slot {
 struct ModelEntry {
     /// Why the model as a whole could not be read (bad config, no versions).
     failure: Option<String>,
+    /// The kind its config declared when it was last read.
+    kind: ModelKind,
     versions: BTreeMap<u64, Slot>,
 }
 
@@ -194,6 +200,7 @@ impl ModelManager {
             let mut table = self.write();
             let entry = table.entry(name.to_string()).or_default();
             entry.failure = None;
+            entry.kind = files.config.kind;
             // A version that is serving keeps serving until its reload is done.
             for v in &selected {
                 if !matches!(entry.versions.get(v), Some(Slot::Ready(_))) {
@@ -206,9 +213,10 @@ impl ModelManager {
         for (v, path) in wanted {
             let runtime = self.runtime.clone();
             let config = files.config.clone();
+            let tokenizer = files.tokenizer.clone();
             let model = name.to_string();
             let loaded = tokio::task::spawn_blocking(move || {
-                load_version(&runtime, &model, v, &path, config)
+                load_version(&runtime, &model, v, &path, tokenizer.as_deref(), config)
             })
             .await
             .unwrap_or_else(|e| Err(e.to_string()));
@@ -372,6 +380,7 @@ impl ModelManager {
                 out.push(ModelStatus {
                     name: name.clone(),
                     version: String::new(),
+                    kind: entry.kind,
                     state: VersionState::Failed,
                     error: error.clone(),
                     execution_provider: String::new(),
@@ -392,6 +401,7 @@ impl ModelManager {
                 out.push(ModelStatus {
                     name: name.clone(),
                     version: version.to_string(),
+                    kind: entry.kind,
                     state,
                     error,
                     execution_provider: provider,
@@ -460,6 +470,7 @@ fn load_version(
     name: &str,
     version: u64,
     path: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
     config: ModelConfig,
 ) -> Result<LoadedVersion, String> {
     let runtime = Runtime::get(runtime).map_err(|e| e.to_string())?;
@@ -483,6 +494,14 @@ fn load_version(
             }
         }
     }
+    // The tokenizer loads once per version, before any thread starts.
+    let embedder = match (config.kind, tokenizer) {
+        (ModelKind::Tensor, _) => None,
+        (ModelKind::Embedding, Some(tokenizer)) => Some(Embedder::load(tokenizer, &signature)?),
+        (ModelKind::Embedding, None) => {
+            return Err("an embedding model needs a tokenizer.json".to_string());
+        }
+    };
     let outputs = signature
         .outputs
         .iter()
@@ -509,5 +528,6 @@ fn load_version(
         provider,
         batcher,
         metrics,
+        embedder,
     })
 }

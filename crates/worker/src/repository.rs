@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! <repository>/<model>/config.yaml
+//! <repository>/<model>/tokenizer.json            (embedding models only)
 //! <repository>/<model>/<version>/model.onnx      (version: a positive integer)
 //! ```
 //!
@@ -19,6 +20,9 @@ use crate::engine::ProviderConfig;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
+    /// What the model is: a plain tensor model, or a sentence encoder that
+    /// `EmbeddingService/Embed` also serves.
+    pub kind: ModelKind,
     /// Largest batch one inference runs with. 0: the model has no batch
     /// dimension and every request runs as sent.
     pub max_batch_size: usize,
@@ -40,6 +44,7 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
+            kind: ModelKind::Tensor,
             max_batch_size: 0,
             dynamic_batching: None,
             instance_count: 1,
@@ -49,6 +54,20 @@ impl Default for ModelConfig {
             max_input_elements: 64 * 1024 * 1024,
         }
     }
+}
+
+/// What a model serves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// Tensors in, tensors out, through the Open Inference Protocol only.
+    #[default]
+    Tensor,
+    /// A sentence encoder: `tokenizer.json` next to the versions, inputs
+    /// `input_ids` and `attention_mask` (and optionally `token_type_ids`),
+    /// INT64 `[batch, sequence]`, and one FP32 `[batch, dimensions]` output.
+    /// It is still a tensor model as well.
+    Embedding,
 }
 
 /// Dynamic batching parameters.
@@ -111,6 +130,9 @@ impl ModelConfig {
         if self.max_input_elements == 0 {
             return Err("max_input_elements: must be at least 1".into());
         }
+        if self.kind == ModelKind::Embedding && self.max_batch_size == 0 {
+            return Err("kind: an embedding model needs max_batch_size > 0".into());
+        }
         if let VersionPolicy::Latest(0) = self.version_policy {
             return Err("version_policy.latest: must be at least 1".into());
         }
@@ -153,6 +175,8 @@ pub struct ModelFiles {
     pub config: ModelConfig,
     /// Version → ONNX file, ascending by version.
     pub versions: Vec<(u64, PathBuf)>,
+    /// The tokenizer of an embedding model, shared by its versions.
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl ModelFiles {
@@ -263,7 +287,24 @@ impl ModelSource for DirectorySource {
                 dir.display()
             ));
         }
-        Ok(ModelFiles { config, versions })
+        let tokenizer = match config.kind {
+            ModelKind::Tensor => None,
+            ModelKind::Embedding => {
+                let path = dir.join("tokenizer.json");
+                if !path.is_file() {
+                    return Err(format!(
+                        "model '{name}' is an embedding model but has no {}",
+                        path.display()
+                    ));
+                }
+                Some(path)
+            }
+        };
+        Ok(ModelFiles {
+            config,
+            versions,
+            tokenizer,
+        })
     }
 }
 
@@ -280,6 +321,7 @@ mod tests {
             versions: (1..=4)
                 .map(|v| (v, PathBuf::from(format!("{v}/model.onnx"))))
                 .collect(),
+            tokenizer: None,
         }
     }
 
@@ -328,5 +370,13 @@ mod tests {
                 .contains("preferred_batch_sizes")
         );
         assert!(yaml_serde::from_str::<ModelConfig>("max_batch: 3\n").is_err());
+
+        let embedding: ModelConfig =
+            yaml_serde::from_str("kind: embedding\nmax_batch_size: 32\n").unwrap();
+        assert_eq!(embedding.kind, ModelKind::Embedding);
+        embedding.validate().unwrap();
+        let unbatched: ModelConfig = yaml_serde::from_str("kind: embedding\n").unwrap();
+        assert!(unbatched.validate().unwrap_err().starts_with("kind:"));
+        assert!(yaml_serde::from_str::<ModelConfig>("kind: llm\n").is_err());
     }
 }

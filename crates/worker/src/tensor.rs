@@ -512,6 +512,39 @@ pub fn concat(parts: &[&Tensor]) -> Tensor {
     }
 }
 
+/// Pads the second dimension of a `[batch, length, ...]` tensor to `length`
+/// with zeros (the padding id, mask and type id of sequence models); a tensor
+/// already that long, or of rank below 2, is returned as it is.
+pub fn pad_sequence(tensor: Tensor, length: usize) -> Tensor {
+    fn pad<T: Clone + Default>(v: &[T], rows: usize, from: usize, to: usize) -> Vec<T> {
+        let mut out = Vec::with_capacity(rows * to);
+        for r in 0..rows {
+            out.extend_from_slice(&v[r * from..(r + 1) * from]);
+            out.resize((r + 1) * to, T::default());
+        }
+        out
+    }
+    let (Some(&old), Ok(new)) = (tensor.shape.get(1), i64::try_from(length)) else {
+        return tensor;
+    };
+    if old >= new {
+        return tensor;
+    }
+    let rows = tensor.batch();
+    let Some(from) = tensor.data.len().checked_div(rows) else {
+        return tensor;
+    };
+    let inner = from / usize::try_from(old.max(1)).unwrap_or(1);
+    let to = inner * length;
+    let mut shape = tensor.shape;
+    shape[1] = new;
+    Tensor {
+        name: tensor.name,
+        shape,
+        data: map_data!(&tensor.data, v => pad(v, rows, from, to)),
+    }
+}
+
 /// Splits a batched output back into per-request tensors of `batches[i]` rows.
 /// Returns `None` if the output's first dimension does not equal the sum.
 pub fn split(tensor: &Tensor, batches: &[usize]) -> Option<Vec<Tensor>> {

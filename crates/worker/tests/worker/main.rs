@@ -1,6 +1,8 @@
 //! The worker from the outside, over gRPC: a real worker on a loopback port serving a model
 //! repository of small ONNX models in a temporary directory, with in-process discovery.
 //!
+//! - `embeddings`: `Embed` over the real all-MiniLM-L6-v2 (`cargo xtask models`); batched
+//!   across requests of different lengths, equal to each text alone.
 //! - `datatypes`: every datatype round-trips exactly; outputs come back as named.
 //! - `batching`: batched equals unbatched; shapes never mix; full queues and deadlines.
 //! - `errors`: bad requests get the right code and a message naming what is wrong.
@@ -9,6 +11,7 @@
 
 mod batching;
 mod datatypes;
+mod embeddings;
 mod errors;
 mod lifecycle;
 mod models;
