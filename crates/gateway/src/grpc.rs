@@ -1,6 +1,6 @@
-//! The gateway's gRPC APIs: the Open Inference Protocol, with model RPCs
-//! forwarded to a worker serving the model; lmgrid's generation, embedding
-//! and job APIs arrive with the gateway issue.
+//! The gateway's gRPC APIs: the Open Inference Protocol and embeddings, with
+//! model RPCs forwarded to a worker serving the model; generation and jobs
+//! arrive with their issues.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -111,9 +111,15 @@ impl pb::generation_service_server::GenerationService for GatewayApi {
 impl pb::embedding_service_server::EmbeddingService for GatewayApi {
     async fn embed(
         &self,
-        _: Request<pb::EmbedRequest>,
+        request: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
-        Err(not_yet_implemented("Embed", ISSUE))
+        let deadline = deadline::from_metadata(request.metadata());
+        let request = request.into_inner();
+        let model = request.model.clone().unwrap_or_default();
+        let mut client = self
+            .workers
+            .embedding_client_for(&model.name, &model.version)?;
+        client.embed(forward(request, deadline)?).await
     }
 }
 

@@ -15,12 +15,15 @@ use lmgrid_core::discovery::{Instance, Membership};
 use lmgrid_core::error::ErrorKind;
 use lmgrid_core::telemetry::TraceContextInterceptor;
 use lmgrid_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use lmgrid_proto::lmgrid::v1::embedding_service_client::EmbeddingServiceClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 pub(crate) type InferenceClient =
     GrpcInferenceServiceClient<InterceptedService<Channel, TraceContextInterceptor>>;
+pub(crate) type EmbeddingClient =
+    EmbeddingServiceClient<InterceptedService<Channel, TraceContextInterceptor>>;
 
 /// The workers known to this gateway.
 #[derive(Debug)]
@@ -41,6 +44,28 @@ impl Workers {
 
     /// A client for a worker serving `model` (and `version`, if given).
     pub(crate) fn client_for(&self, model: &str, version: &str) -> Result<InferenceClient, Status> {
+        let channel = self.channel_for(model, version)?;
+        Ok(GrpcInferenceServiceClient::with_interceptor(
+            channel,
+            TraceContextInterceptor,
+        ))
+    }
+
+    /// An embedding client for a worker serving `model` (and `version`).
+    pub(crate) fn embedding_client_for(
+        &self,
+        model: &str,
+        version: &str,
+    ) -> Result<EmbeddingClient, Status> {
+        let channel = self.channel_for(model, version)?;
+        Ok(EmbeddingServiceClient::with_interceptor(
+            channel,
+            TraceContextInterceptor,
+        ))
+    }
+
+    /// The channel to a worker serving `model` (and `version`, if given).
+    fn channel_for(&self, model: &str, version: &str) -> Result<Channel, Status> {
         if model.is_empty() {
             return Err(ErrorKind::InvalidArgument.status("model name is empty"));
         }
@@ -64,11 +89,7 @@ impl Workers {
             };
             ErrorKind::NotFound.status(format!("{what} is not served by any worker"))
         })?;
-        let channel = self.channel(&chosen.address)?;
-        Ok(GrpcInferenceServiceClient::with_interceptor(
-            channel,
-            TraceContextInterceptor,
-        ))
+        self.channel(&chosen.address)
     }
 
     fn choose<'a>(&self, candidates: &[&'a Instance]) -> Option<&'a Instance> {

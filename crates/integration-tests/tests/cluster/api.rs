@@ -131,8 +131,14 @@ async fn every_service_names_the_rpcs_it_does_not_implement_yet() -> anyhow::Res
     );
     let result = oip.model_infer(ModelInferRequest::default()).await;
     assert_code(result, Code::InvalidArgument, "model name is empty");
-    let mut embeddings = pb::embedding_service_client::EmbeddingServiceClient::new(gateway);
-    assert_unimplemented(embeddings.embed(pb::EmbedRequest::default()).await, "Embed");
+    let mut embeddings = pb::embedding_service_client::EmbeddingServiceClient::new(gateway.clone());
+    let result = embeddings.embed(pb::EmbedRequest::default()).await;
+    assert_code(result, Code::InvalidArgument, "model name is empty");
+    let mut generation = pb::generation_service_client::GenerationServiceClient::new(gateway);
+    assert_unimplemented(
+        generation.generate(pb::GenerateRequest::default()).await,
+        "Generate",
+    );
     Ok(())
 }
 

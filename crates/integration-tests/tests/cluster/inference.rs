@@ -244,3 +244,80 @@ async fn two_workers_share_a_model_and_one_leaves_without_failing_a_request() ->
     }
     Ok(())
 }
+
+/// The MiniLM that `cargo xtask models` converts, in a fresh repository of its own.
+fn minilm_repository() -> anyhow::Result<TempDir> {
+    let cache = std::env::var_os("LMGRID_CACHE_DIR")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/lmgrid"))
+        })
+        .context("neither LMGRID_CACHE_DIR nor HOME is set")?;
+    let model = cache.join("models/all-minilm-l6-v2");
+    anyhow::ensure!(
+        model.join("1/model.onnx").is_file(),
+        "{} has no converted MiniLM; run `cargo xtask models`",
+        model.display()
+    );
+    let repo = TempDir::new()?;
+    std::os::unix::fs::symlink(&model, repo.path().join("minilm"))?;
+    Ok(repo)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_forwards_embeddings_to_the_worker_serving_the_model() -> anyhow::Result<()> {
+    use lmgrid_proto::lmgrid::v1::embedding_service_client::EmbeddingServiceClient;
+    use lmgrid_proto::lmgrid::v1::{EmbedRequest, ModelRef};
+
+    let repo = minilm_repository()?;
+    let etcd = EtcdServer::start().await?;
+    let sandbox = Sandbox::builder(&etcd)
+        .worker_with_models(repo.path())
+        .gateway()
+        .build()
+        .await?;
+    gateway_client(&sandbox, "minilm").await?;
+    let mut client =
+        EmbeddingServiceClient::new(connect(sandbox.node("gateway").grpc_addr()).await?);
+    let embed = |name: &str, inputs: &[&str]| EmbedRequest {
+        model: Some(ModelRef {
+            name: name.to_string(),
+            version: String::new(),
+        }),
+        inputs: inputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+
+    let response = client
+        .embed(embed(
+            "minilm",
+            &["This is a test sentence.", "Paris is in France."],
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(response.embeddings.len(), 2);
+    for embedding in &response.embeddings {
+        let norm: f32 = embedding.values.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert_eq!(embedding.values.len(), 384);
+        assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+    }
+    assert_eq!(
+        response.model.map(|m| (m.name, m.version)),
+        Some(("minilm".into(), "1".into()))
+    );
+    assert!(response.usage.is_some_and(|u| u.prompt_tokens > 0));
+
+    // The worker's errors come back unchanged; an unserved model is NOT_FOUND.
+    let status = client
+        .embed(embed("minilm", &[]))
+        .await
+        .expect_err("empty inputs");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = client
+        .embed(embed("nope", &["x"]))
+        .await
+        .expect_err("unknown model");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    Ok(())
+}
