@@ -20,7 +20,7 @@ use crate::batcher::{BatchError, BatchKey, Job};
 use crate::gpu::GpuReadings;
 use crate::models::{LoadedVersion, ManageError, ModelManager, ResolveError, VersionState};
 use crate::repository::ModelKind;
-use crate::tensor::{DecodeError, Tensor};
+use crate::tensor::{DataType, DecodeError, Tensor};
 
 const LM_ISSUE: &str = "the real language models issue (SmolLM2 generation)";
 /// The platform name models report in `ModelMetadata`, as Triton names it.
@@ -251,7 +251,6 @@ impl WorkerApi {
         grpc_deadline: Option<Instant>,
         started: Instant,
     ) -> Result<oip_pb::ModelInferResponse, Status> {
-        let raw = !request.raw_input_contents.is_empty();
         // Which outputs, in what order: as requested, else all. Checked before
         // anything is computed.
         let mut named = HashSet::new();
@@ -290,6 +289,12 @@ impl WorkerApi {
                 })
                 .collect::<Result<_, _>>()?
         };
+        // Raw or typed outputs, never a mix: raw when the inputs were raw, or
+        // when an output is FP16, which has no typed contents field.
+        let raw = !request.raw_input_contents.is_empty()
+            || wanted
+                .iter()
+                .any(|&i| model.signature.outputs[i].dtype == DataType::Fp16);
         let priority = int_parameter(&request.parameters, "priority")?;
         let timeout_us = int_parameter(&request.parameters, "timeout")?;
         let (inputs, rows) = decode_inputs(model, request)?;
@@ -337,14 +342,6 @@ impl WorkerApi {
             if let Some(bytes) = bytes {
                 response.raw_output_contents.push(bytes);
             }
-        }
-        // The protocol allows raw or typed output, not a mix: if any output
-        // had to be raw (FP16), send them all raw.
-        if !response.raw_output_contents.is_empty()
-            && response.raw_output_contents.len() != response.outputs.len()
-        {
-            return Err(ErrorKind::Internal
-                .status("mixed raw and typed outputs; send raw inputs to get raw outputs"));
         }
         Ok(response)
     }

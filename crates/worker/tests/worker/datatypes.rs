@@ -326,3 +326,48 @@ async fn outputs_come_back_as_named_and_in_the_order_named() -> anyhow::Result<(
     assert_eq!(response.raw_output_contents, vec![le(&product)]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_typed_request_gets_raw_outputs_when_an_output_is_fp16() -> anyhow::Result<()> {
+    use lmgrid_test_support::onnx::{AttributeProto, Dim, GraphBuilder};
+
+    // FP16 has no typed contents field, so the whole response is raw rather than a mix.
+    let model = GraphBuilder::new("halves")
+        .input("x", ElemType::Float, &[Dim::batch(), Dim::Fixed(3)])
+        .output("y", ElemType::Float, &[Dim::batch(), Dim::Fixed(3)])
+        .output("half", ElemType::Float16, &[Dim::batch(), Dim::Fixed(3)])
+        .node("Identity", &["x"], &["y"], vec![])
+        .node(
+            "Cast",
+            &["x"],
+            &["half"],
+            vec![AttributeProto::int("to", 10)],
+        )
+        .build();
+    let repo = Repo::new()?.model("halves", &[("1", &model)], "max_batch_size: 4\n")?;
+    let worker = TestWorker::start(repo).await?;
+    let x = vec![1.0f32, -2.5, 0.25];
+    let request = ModelInferRequest {
+        model_name: "halves".into(),
+        inputs: vec![fp32_input("x", &[1, 3], x.clone())],
+        ..Default::default()
+    };
+    let response = worker
+        .infer
+        .clone()
+        .model_infer(request)
+        .await?
+        .into_inner();
+    assert_eq!(response.raw_output_contents.len(), 2, "every output raw");
+    assert!(response.outputs.iter().all(|o| o.contents.is_none()));
+    let y: Vec<f32> = response.raw_output_contents[0]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let half: Vec<f32> = response.raw_output_contents[1]
+        .chunks_exact(2)
+        .map(|c| f16::from_le_bytes(c.try_into().unwrap()).to_f32())
+        .collect();
+    assert_eq!((y, half), (x.clone(), x));
+    worker.stop().await
+}
