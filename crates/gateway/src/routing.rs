@@ -159,6 +159,7 @@ mod tests {
                 .map(|(n, v)| ServedModel {
                     name: n.to_string(),
                     version: v.to_string(),
+                    kind: "tensor".into(),
                 })
                 .collect(),
             load: Some(Load {

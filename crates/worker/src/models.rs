@@ -431,6 +431,7 @@ impl ModelManager {
             .map(|l| ServedModel {
                 name: l.name.clone(),
                 version: l.version.to_string(),
+                kind: l.config.kind.as_str().to_string(),
             })
             .collect()
     }

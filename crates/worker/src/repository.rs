@@ -70,6 +70,16 @@ pub enum ModelKind {
     Embedding,
 }
 
+impl ModelKind {
+    /// The name in `config.yaml` and in the discovery record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Tensor => "tensor",
+            ModelKind::Embedding => "embedding",
+        }
+    }
+}
+
 /// Dynamic batching parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]

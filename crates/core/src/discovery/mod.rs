@@ -66,6 +66,15 @@ pub struct Instance {
 pub struct ServedModel {
     pub name: String,
     pub version: String,
+    /// What the model serves: `tensor` (Open Inference Protocol only),
+    /// `embedding` (also `Embed`) or `generation` (`Generate`). Records
+    /// written before the field existed read as `tensor`.
+    #[serde(default = "tensor_kind")]
+    pub kind: String,
+}
+
+fn tensor_kind() -> String {
+    "tensor".to_string()
 }
 
 /// Load an instance reports so that routers can pick the least busy one.
