@@ -3,26 +3,24 @@
 //! unload, list, stats).
 
 use std::collections::HashSet;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use lmgrid_core::error::{ErrorKind, not_yet_implemented};
+use lmgrid_core::error::ErrorKind;
 use lmgrid_core::health::Readiness;
 use lmgrid_core::{deadline, oip};
 use lmgrid_proto::inference as oip_pb;
 use lmgrid_proto::lmgrid::v1 as pb;
 use tokio::sync::oneshot;
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::batcher::{BatchError, BatchKey, Job};
+use crate::generation::service;
 use crate::gpu::GpuReadings;
 use crate::models::{LoadedVersion, ManageError, ModelManager, ResolveError, VersionState};
 use crate::repository::ModelKind;
 use crate::tensor::{DataType, DecodeError, Tensor};
 
-const LM_ISSUE: &str = "the real language models issue (SmolLM2 generation)";
 /// The platform name models report in `ModelMetadata`, as Triton names it.
 const PLATFORM: &str = "onnxruntime_onnx";
 
@@ -196,8 +194,13 @@ pub(crate) async fn compute(
     deadline: Option<Instant>,
 ) -> Result<Vec<Tensor>, Status> {
     let (reply, receiver) = oneshot::channel();
-    model
-        .batcher
+    let Some(batcher) = &model.batcher else {
+        return Err(invalid(format!(
+            "model '{}' is a generation model; call lmgrid.v1.GenerationService",
+            model.name
+        )));
+    };
+    batcher
         .submit(Job {
             key,
             inputs,
@@ -425,25 +428,47 @@ impl oip_pb::grpc_inference_service_server::GrpcInferenceService for WorkerApi {
     }
 }
 
-type GenerateStream =
-    Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl pb::generation_service_server::GenerationService for WorkerApi {
-    type GenerateStreamStream = GenerateStream;
+    type GenerateStreamStream = service::GenerateStream;
 
     async fn generate(
         &self,
-        _: Request<pb::GenerateRequest>,
+        request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        Err(not_yet_implemented("Generate", LM_ISSUE))
+        let started = Instant::now();
+        let deadline = deadline::from_metadata(request.metadata());
+        let mut request = request.into_inner();
+        let name = request.model.take().unwrap_or_default();
+        let model = self.resolve(&name.name, &name.version)?;
+        let result = service::generate(&model, request, deadline).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(status) => status.code().description(),
+        };
+        model.metrics.request(outcome);
+        model
+            .metrics
+            .request_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result.map(Response::new)
     }
 
     async fn generate_stream(
         &self,
-        _: Request<pb::GenerateRequest>,
+        request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        Err(not_yet_implemented("GenerateStream", LM_ISSUE))
+        let deadline = deadline::from_metadata(request.metadata());
+        let mut request = request.into_inner();
+        let name = request.model.take().unwrap_or_default();
+        let model = self.resolve(&name.name, &name.version)?;
+        let result = service::generate_stream(&model, request, deadline).await;
+        if let Err(status) = &result {
+            model.metrics.request(status.code().description());
+        } else {
+            model.metrics.request("ok");
+        }
+        result.map(Response::new)
     }
 }
 
@@ -496,6 +521,7 @@ fn to_proto(status: crate::models::ModelStatus) -> pb::WorkerModel {
         kind: match status.kind {
             ModelKind::Tensor => pb::ModelKind::Tensor,
             ModelKind::Embedding => pb::ModelKind::Embedding,
+            ModelKind::Generation => pb::ModelKind::Generative,
         } as i32,
         state: match status.state {
             VersionState::Loading => pb::ModelState::Loading,
@@ -559,8 +585,8 @@ impl pb::worker_control_service_server::WorkerControlService for WorkerApi {
             .map(|l| pb::ModelLoad {
                 name: l.name.clone(),
                 version: l.version.to_string(),
-                in_flight: u32::try_from(l.batcher.in_flight()).unwrap_or(u32::MAX),
-                queue_depth: u32::try_from(l.batcher.queue_depth()).unwrap_or(u32::MAX),
+                in_flight: u32::try_from(l.occupancy().1).unwrap_or(u32::MAX),
+                queue_depth: u32::try_from(l.occupancy().0).unwrap_or(u32::MAX),
             })
             .collect();
         let gpus = self.gpus.latest();

@@ -12,6 +12,7 @@
 mod batcher;
 mod embedding;
 pub mod engine;
+mod generation;
 mod gpu;
 mod grpc;
 mod metrics;

@@ -124,3 +124,113 @@ impl VersionMetrics {
             .inc();
     }
 }
+
+static GEN_RUNNING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "lmgrid_worker_generation_running_sequences",
+        "Sequences in the running batch of a generation model.",
+    )
+});
+static GEN_WAITING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "lmgrid_worker_generation_waiting_requests",
+        "Generation requests waiting for a slot in the batch.",
+    )
+});
+static GEN_KV_POSITIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "lmgrid_worker_generation_kv_cache_positions",
+        "Token positions allocated in the KV cache (rows × width, padding included).",
+    )
+});
+static GEN_PROMPT_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "lmgrid_worker_prompt_tokens_total",
+        "Prompt tokens prefilled.",
+        LABELS,
+    )
+});
+static GEN_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "lmgrid_worker_generated_tokens_total",
+        "Tokens generated.",
+        LABELS,
+    )
+});
+static GEN_CANCELLED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "lmgrid_worker_generation_cancelled_total",
+        "Requests and sequences dropped because the caller went away or the deadline passed.",
+        LABELS,
+    )
+});
+static GEN_TTFT: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "lmgrid_worker_time_to_first_token_seconds",
+        "From a generation request's arrival at the scheduler to its first token.",
+        seconds(),
+    )
+});
+static GEN_PREFILL: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "lmgrid_worker_prefill_duration_seconds",
+        "Time to prefill one prompt.",
+        seconds(),
+    )
+});
+static GEN_STEP: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "lmgrid_worker_decode_step_duration_seconds",
+        "Time of one decode step of the whole batch.",
+        seconds(),
+    )
+});
+static GEN_REBUILD: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "lmgrid_worker_kv_rebuild_duration_seconds",
+        "Time to regather the KV cache when sequences join or leave.",
+        seconds(),
+    )
+});
+static GEN_STEP_ROWS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "lmgrid_worker_decode_batch_size",
+        "Sequences per decode step.",
+        vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+    )
+});
+
+/// The generation metrics of one model version.
+#[derive(Debug, Clone)]
+pub(crate) struct GenerationMetrics {
+    pub(crate) running: IntGauge,
+    pub(crate) waiting: IntGauge,
+    pub(crate) kv_positions: IntGauge,
+    pub(crate) prompt_tokens: IntCounter,
+    pub(crate) generated_tokens: IntCounter,
+    pub(crate) cancelled: IntCounter,
+    pub(crate) time_to_first_token: Histogram,
+    pub(crate) prefill_seconds: Histogram,
+    pub(crate) step_seconds: Histogram,
+    pub(crate) rebuild_seconds: Histogram,
+    pub(crate) step_rows: Histogram,
+}
+
+impl GenerationMetrics {
+    pub(crate) fn new(model: &str, version: &str) -> Self {
+        let labels = [model, version];
+        GenerationMetrics {
+            running: GEN_RUNNING.with_label_values(&labels),
+            waiting: GEN_WAITING.with_label_values(&labels),
+            kv_positions: GEN_KV_POSITIONS.with_label_values(&labels),
+            prompt_tokens: GEN_PROMPT_TOKENS.with_label_values(&labels),
+            generated_tokens: GEN_TOKENS.with_label_values(&labels),
+            cancelled: GEN_CANCELLED.with_label_values(&labels),
+            time_to_first_token: GEN_TTFT.with_label_values(&labels),
+            prefill_seconds: GEN_PREFILL.with_label_values(&labels),
+            step_seconds: GEN_STEP.with_label_values(&labels),
+            rebuild_seconds: GEN_REBUILD.with_label_values(&labels),
+            step_rows: GEN_STEP_ROWS.with_label_values(&labels),
+        }
+    }
+}

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::batcher::{Batcher, Policy};
 use crate::embedding::Embedder;
 use crate::engine::{OnnxRuntimeConfig, Runtime, Signature};
+use crate::generation::Generator;
 use crate::metrics::VersionMetrics;
 use crate::repository::{ModelConfig, ModelKind, ModelSource};
 
@@ -47,10 +48,24 @@ pub struct LoadedVersion {
     pub config: ModelConfig,
     pub signature: Signature,
     pub provider: String,
-    pub(crate) batcher: Batcher,
+    /// The dynamic batcher of tensor and embedding models.
+    pub(crate) batcher: Option<Batcher>,
     pub(crate) metrics: VersionMetrics,
     /// The tokenizer of an embedding model; `None` for tensor models.
     pub(crate) embedder: Option<Embedder>,
+    /// The continuous-batching scheduler of a generation model.
+    pub(crate) generator: Option<Generator>,
+}
+
+impl LoadedVersion {
+    /// Requests waiting and requests (or sequences) being computed.
+    pub(crate) fn occupancy(&self) -> (usize, usize) {
+        match (&self.batcher, &self.generator) {
+            (Some(b), _) => (b.queue_depth(), b.in_flight()),
+            (None, Some(g)) => g.occupancy(),
+            (None, None) => (0, 0),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -214,9 +229,18 @@ impl ModelManager {
             let runtime = self.runtime.clone();
             let config = files.config.clone();
             let tokenizer = files.tokenizer.clone();
+            let chat_template = files.chat_template.clone();
             let model = name.to_string();
             let loaded = tokio::task::spawn_blocking(move || {
-                load_version(&runtime, &model, v, &path, tokenizer.as_deref(), config)
+                load_version(
+                    &runtime,
+                    &model,
+                    v,
+                    &path,
+                    tokenizer.as_deref(),
+                    chat_template.clone(),
+                    config,
+                )
             })
             .await
             .unwrap_or_else(|e| Err(e.to_string()));
@@ -444,8 +468,9 @@ impl ModelManager {
             ..Load::default()
         };
         for l in &ready {
-            load.queue_depth += u32::try_from(l.batcher.queue_depth()).unwrap_or(u32::MAX);
-            load.in_flight += u32::try_from(l.batcher.in_flight()).unwrap_or(u32::MAX);
+            let (waiting, running) = l.occupancy();
+            load.queue_depth += u32::try_from(waiting).unwrap_or(u32::MAX);
+            load.in_flight += u32::try_from(running).unwrap_or(u32::MAX);
             load.instances += u32::try_from(l.config.instance_count).unwrap_or(u32::MAX);
             if l.provider.starts_with("cuda") {
                 load.accelerator = l.provider.clone();
@@ -472,6 +497,7 @@ fn load_version(
     version: u64,
     path: &std::path::Path,
     tokenizer: Option<&std::path::Path>,
+    chat_template: Option<String>,
     config: ModelConfig,
 ) -> Result<LoadedVersion, String> {
     let runtime = Runtime::get(runtime).map_err(|e| e.to_string())?;
@@ -485,6 +511,36 @@ fn load_version(
         sessions.push(session);
     }
     let signature = crate::engine::signature(&sessions[0]).map_err(|e| e.to_string())?;
+    let metrics = VersionMetrics::new(name, &version.to_string());
+    if config.kind == ModelKind::Generation {
+        let (Some(generation), Some(tokenizer), Some(session)) =
+            (config.generation.clone(), tokenizer, sessions.pop())
+        else {
+            return Err(
+                "a generation model needs a generation section and a tokenizer.json".into(),
+            );
+        };
+        let generator = Generator::start(
+            name,
+            version,
+            generation,
+            session,
+            &signature,
+            tokenizer,
+            chat_template,
+        )?;
+        return Ok(LoadedVersion {
+            name: name.to_string(),
+            version,
+            config,
+            signature,
+            provider,
+            batcher: None,
+            metrics,
+            embedder: None,
+            generator: Some(generator),
+        });
+    }
     if config.max_batch_size > 0 {
         for spec in signature.inputs.iter().chain(&signature.outputs) {
             if spec.shape.first() != Some(&-1) {
@@ -497,7 +553,7 @@ fn load_version(
     }
     // The tokenizer loads once per version, before any thread starts.
     let embedder = match (config.kind, tokenizer) {
-        (ModelKind::Tensor, _) => None,
+        (ModelKind::Tensor | ModelKind::Generation, _) => None,
         (ModelKind::Embedding, Some(tokenizer)) => Some(Embedder::load(tokenizer, &signature)?),
         (ModelKind::Embedding, None) => {
             return Err("an embedding model needs a tokenizer.json".to_string());
@@ -508,7 +564,6 @@ fn load_version(
         .iter()
         .map(|o| (o.name.clone(), o.dtype))
         .collect();
-    let metrics = VersionMetrics::new(name, &version.to_string());
     let policy = Policy {
         max_batch_size: config.max_batch_size,
         dynamic: config.dynamic_batching.clone(),
@@ -527,8 +582,9 @@ fn load_version(
         config,
         signature,
         provider,
-        batcher,
+        batcher: Some(batcher),
         metrics,
         embedder,
+        generator: None,
     })
 }

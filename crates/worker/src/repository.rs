@@ -39,6 +39,8 @@ pub struct ModelConfig {
     pub version_policy: VersionPolicy,
     /// Largest tensor accepted, in elements; larger → RESOURCE_EXHAUSTED.
     pub max_input_elements: usize,
+    /// Settings of a `generation` model.
+    pub generation: Option<GenerationConfig>,
 }
 
 impl Default for ModelConfig {
@@ -52,6 +54,7 @@ impl Default for ModelConfig {
             execution_provider: ProviderConfig::default(),
             version_policy: VersionPolicy::default(),
             max_input_elements: 64 * 1024 * 1024,
+            generation: None,
         }
     }
 }
@@ -68,6 +71,10 @@ pub enum ModelKind {
     /// INT64 `[batch, sequence]`, and one FP32 `[batch, dimensions]` output.
     /// It is still a tensor model as well.
     Embedding,
+    /// A decoder language model served by `GenerationService`: `tokenizer.json`
+    /// next to the versions, a `generation` section, and the KV-cache interface
+    /// described in `docs/worker.md`. Not served by the Open Inference Protocol.
+    Generation,
 }
 
 impl ModelKind {
@@ -76,6 +83,51 @@ impl ModelKind {
         match self {
             ModelKind::Tensor => "tensor",
             ModelKind::Embedding => "embedding",
+            ModelKind::Generation => "generation",
+        }
+    }
+}
+
+/// How a generation model decodes and how much KV cache it may hold.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationConfig {
+    /// Longest sequence (prompt + completion) the model supports.
+    pub context_length: usize,
+    /// The Jinja chat template, a file in the model directory. Absent: chat
+    /// requests are refused and only raw prompts are served.
+    pub chat_template: Option<String>,
+    /// Values of `bos_token` and `eos_token` in the template.
+    pub bos_token: String,
+    pub eos_token: String,
+    /// Token ids that end a completion.
+    pub eos_token_ids: Vec<u32>,
+    /// Sequences decoded together, at most.
+    pub max_sequences: usize,
+    /// KV-cache budget in token positions across the batch: rows times the
+    /// longest reserved length (prompt + max_tokens) must stay within it.
+    pub max_total_tokens: usize,
+    /// `max_tokens` of requests that do not set one.
+    pub default_max_tokens: usize,
+    /// Requests waiting for a slot, at most; more → RESOURCE_EXHAUSTED.
+    pub max_queue_size: usize,
+    /// Prompt tokens prefilled between two decode steps, at least one prompt.
+    pub prefill_chunk_tokens: usize,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            context_length: 2048,
+            chat_template: None,
+            bos_token: String::new(),
+            eos_token: String::new(),
+            eos_token_ids: Vec::new(),
+            max_sequences: 16,
+            max_total_tokens: 32768,
+            default_max_tokens: 256,
+            max_queue_size: 256,
+            prefill_chunk_tokens: 1024,
         }
     }
 }
@@ -143,6 +195,26 @@ impl ModelConfig {
         if self.kind == ModelKind::Embedding && self.max_batch_size == 0 {
             return Err("kind: an embedding model needs max_batch_size > 0".into());
         }
+        match (self.kind, &self.generation) {
+            (ModelKind::Generation, None) => {
+                return Err("generation: a generation model needs a generation section".into());
+            }
+            (ModelKind::Generation, Some(g)) => g.validate()?,
+            (_, Some(_)) => return Err("generation: only for kind: generation".into()),
+            (_, None) => {}
+        }
+        if self.kind == ModelKind::Generation && self.instance_count != 1 {
+            return Err(
+                "instance_count: a generation model runs one scheduler over one session; set 1"
+                    .into(),
+            );
+        }
+        if self.kind == ModelKind::Generation && self.dynamic_batching.is_some() {
+            return Err(
+                "dynamic_batching: generation models batch continuously; remove this section"
+                    .into(),
+            );
+        }
         if let VersionPolicy::Latest(0) = self.version_policy {
             return Err("version_policy.latest: must be at least 1".into());
         }
@@ -179,14 +251,41 @@ impl ModelConfig {
     }
 }
 
+impl GenerationConfig {
+    fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("context_length", self.context_length),
+            ("max_sequences", self.max_sequences),
+            ("max_total_tokens", self.max_total_tokens),
+            ("default_max_tokens", self.default_max_tokens),
+            ("max_queue_size", self.max_queue_size),
+            ("prefill_chunk_tokens", self.prefill_chunk_tokens),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(format!("generation.{key}: must be at least 1"));
+            }
+        }
+        if self.eos_token_ids.is_empty() {
+            return Err("generation.eos_token_ids: name at least one token id".into());
+        }
+        if self.default_max_tokens >= self.context_length {
+            return Err("generation.default_max_tokens: must be below context_length".into());
+        }
+        Ok(())
+    }
+}
+
 /// One model as found in a source.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
     pub config: ModelConfig,
     /// Version → ONNX file, ascending by version.
     pub versions: Vec<(u64, PathBuf)>,
-    /// The tokenizer of an embedding model, shared by its versions.
+    /// The tokenizer of an embedding or generation model, shared by its versions.
     pub tokenizer: Option<PathBuf>,
+    /// The chat template's text (generation models that name one).
+    pub chat_template: Option<String>,
 }
 
 impl ModelFiles {
@@ -299,21 +398,46 @@ impl ModelSource for DirectorySource {
         }
         let tokenizer = match config.kind {
             ModelKind::Tensor => None,
-            ModelKind::Embedding => {
+            ModelKind::Embedding | ModelKind::Generation => {
                 let path = dir.join("tokenizer.json");
                 if !path.is_file() {
                     return Err(format!(
-                        "model '{name}' is an embedding model but has no {}",
+                        "model '{name}' is {} model but has no {}",
+                        match config.kind {
+                            ModelKind::Embedding => "an embedding",
+                            _ => "a generation",
+                        },
                         path.display()
                     ));
                 }
                 Some(path)
             }
         };
+        let chat_template = match config
+            .generation
+            .as_ref()
+            .and_then(|g| g.chat_template.as_ref())
+        {
+            None => None,
+            Some(file) => {
+                if !valid_name(file) {
+                    return Err(format!(
+                        "{}: generation.chat_template: {file:?} must be a file name in the model directory",
+                        config_path.display()
+                    ));
+                }
+                let path = dir.join(file);
+                Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| format!("read chat template {}: {e}", path.display()))?,
+                )
+            }
+        };
         Ok(ModelFiles {
             config,
             versions,
             tokenizer,
+            chat_template,
         })
     }
 }
@@ -332,6 +456,7 @@ mod tests {
                 .map(|v| (v, PathBuf::from(format!("{v}/model.onnx"))))
                 .collect(),
             tokenizer: None,
+            chat_template: None,
         }
     }
 

@@ -6,8 +6,6 @@
 //! alone, in a padded batch and in a batch formed across concurrent requests; `dimensions`
 //! truncates and renormalises; bad requests name their problem.
 
-use std::path::{Path, PathBuf};
-
 use anyhow::Context as _;
 use lmgrid_proto::inference::model_infer_request::InferInputTensor;
 use lmgrid_proto::inference::{InferTensorContents, ModelInferRequest};
@@ -17,53 +15,20 @@ use tokio::task::JoinSet;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::support::{Repo, TestWorker, assert_close, assert_status, fp32_output, metric};
+use crate::support::{
+    Repo, TestWorker, assert_close, assert_status, cached_model, fp32_output, linked_repo, metric,
+};
 
 /// ONNX Runtime sums padded and unpadded sequences in different orders; padding is masked,
 /// so anything beyond this is a bug.
 const TOLERANCE: f32 = 1e-5;
 const DIMENSIONS: usize = 384;
 
-/// The converted model directory; fails the test, saying what to run, when it is missing.
-fn minilm_dir() -> PathBuf {
-    let cache = std::env::var_os("LMGRID_CACHE_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/lmgrid")))
-        .expect("neither LMGRID_CACHE_DIR nor HOME is set");
-    let dir = cache.join("models/all-minilm-l6-v2");
-    assert!(
-        dir.join("1/model.onnx").is_file() && dir.join("tokenizer.json").is_file(),
-        "the converted all-MiniLM-L6-v2 is not in {}: run `cargo xtask models`",
-        dir.display()
-    );
-    let config = std::fs::read_to_string(dir.join("config.yaml")).unwrap_or_default();
-    assert!(
-        config.contains("kind: embedding"),
-        "{} predates embedding models: run `cargo xtask models`",
-        dir.join("config.yaml").display()
-    );
-    dir
-}
-
 /// A repository serving the converted model as `name`, with its own `config.yaml` or, if
-/// `config` is `None`, the one `cargo xtask models` wrote. The model files are linked, not
-/// copied. Each test uses its own name, so the per-model metrics are its own.
+/// `config` is `None`, the one `cargo xtask models` wrote. Each test uses its own name, so the
+/// per-model metrics are its own.
 fn minilm_repo(name: &str, config: Option<&str>) -> anyhow::Result<Repo> {
-    let source = minilm_dir();
-    let repo = Repo::new()?;
-    let dir = repo.path().join(name);
-    std::fs::create_dir_all(dir.join("1"))?;
-    let config = match config {
-        Some(text) => text.to_string(),
-        None => std::fs::read_to_string(source.join("config.yaml"))?,
-    };
-    std::fs::write(dir.join("config.yaml"), config)?;
-    std::os::unix::fs::symlink(source.join("tokenizer.json"), dir.join("tokenizer.json"))
-        .context("link tokenizer.json")?;
-    std::os::unix::fs::symlink(source.join("1/model.onnx"), dir.join("1/model.onnx"))
-        .context("link model.onnx")?;
-    Ok(repo)
+    linked_repo(&cached_model("all-minilm-l6-v2", "embedding"), name, config)
 }
 
 async fn client(worker: &TestWorker) -> anyhow::Result<EmbeddingServiceClient<Channel>> {

@@ -3,6 +3,8 @@
 //!
 //! - `embeddings`: `Embed` over the real all-MiniLM-L6-v2 (`cargo xtask models`); batched
 //!   across requests of different lengths, equal to each text alone.
+//! - `generation`: `Generate`/`GenerateStream` over the real SmolLM2-135M-Instruct: Paris,
+//!   continuous batching equal to decoding alone, stops, seeds, cancellation, bad requests.
 //! - `datatypes`: every datatype round-trips exactly; outputs come back as named.
 //! - `batching`: batched equals unbatched; shapes never mix; full queues and deadlines.
 //! - `errors`: bad requests get the right code and a message naming what is wrong.
@@ -13,6 +15,7 @@ mod batching;
 mod datatypes;
 mod embeddings;
 mod errors;
+mod generation;
 mod lifecycle;
 mod models;
 mod support;

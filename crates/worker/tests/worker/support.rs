@@ -419,3 +419,53 @@ pub(crate) async fn versions(worker: &TestWorker, name: &str) -> anyhow::Result<
         .into_inner()
         .versions)
 }
+
+/// A model `cargo xtask models` converted into the cache (`$LMGRID_CACHE_DIR`, else
+/// `~/.cache/lmgrid`); fails the test, saying what to run, when it is missing or older than
+/// the `kind` its `config.yaml` must declare.
+pub(crate) fn cached_model(name: &str, kind: &str) -> PathBuf {
+    let cache = std::env::var_os("LMGRID_CACHE_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/lmgrid")))
+        .expect("neither LMGRID_CACHE_DIR nor HOME is set");
+    let dir = cache.join("models").join(name);
+    assert!(
+        dir.join("1/model.onnx").is_file() && dir.join("tokenizer.json").is_file(),
+        "the converted {name} is not in {}: run `cargo xtask models`",
+        dir.display()
+    );
+    let config = std::fs::read_to_string(dir.join("config.yaml")).unwrap_or_default();
+    assert!(
+        config.contains(&format!("kind: {kind}")),
+        "{} is not a {kind} model: run `cargo xtask models`",
+        dir.join("config.yaml").display()
+    );
+    dir
+}
+
+/// A repository serving the converted model in `source` as `name`, with its own
+/// `config.yaml` or, if `config` is `None`, the converted one. The other files are linked,
+/// not copied.
+pub(crate) fn linked_repo(source: &Path, name: &str, config: Option<&str>) -> anyhow::Result<Repo> {
+    let repo = Repo::new()?;
+    let dir = repo.path().join(name);
+    std::fs::create_dir_all(dir.join("1"))?;
+    let config = match config {
+        Some(text) => text.to_string(),
+        None => std::fs::read_to_string(source.join("config.yaml"))?,
+    };
+    std::fs::write(dir.join("config.yaml"), config)?;
+    for entry in std::fs::read_dir(source)? {
+        let entry = entry?;
+        let file = entry.file_name();
+        let skip = file == "config.yaml" || file == "1" || file.to_string_lossy().starts_with('.');
+        if !skip {
+            std::os::unix::fs::symlink(entry.path(), dir.join(&file))
+                .with_context(|| format!("link {}", file.to_string_lossy()))?;
+        }
+    }
+    std::os::unix::fs::symlink(source.join("1/model.onnx"), dir.join("1/model.onnx"))
+        .context("link model.onnx")?;
+    Ok(repo)
+}

@@ -1,0 +1,398 @@
+//! The decoder graph and its KV cache.
+//!
+//! A generation model's ONNX graph takes `input_ids`, `attention_mask`,
+//! `position_ids` (INT64) and `past_key_values.{i}.key|value` (FP32
+//! `[batch, kv_heads, past, head_dim]`), and returns `logits` (FP32
+//! `[batch, 1, vocab]`, the last position of each row) and
+//! `present.{i}.key|value` (`[batch, kv_heads, past + new, head_dim]`).
+//!
+//! Rows of a batch are left-padded: each row's real tokens end at the last
+//! column, so its newest token and its logits line up with every other row's,
+//! and the attention mask hides the padding on the left.
+
+use ort::session::Session;
+use ort::value::{DynValue, Tensor};
+
+use crate::engine::{EngineError, Signature};
+use crate::tensor::DataType;
+
+/// The shape of a decoder, read from its graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DecoderSpec {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// `past_key_values.{i}.key`, `past_key_values.{i}.value`, … in layer order.
+    past: Vec<String>,
+    /// `present.{i}.key`, `present.{i}.value`, … in the same order.
+    present: Vec<String>,
+}
+
+const REQUIRED_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "position_ids"];
+
+impl DecoderSpec {
+    /// Checks that a graph has the decoder interface; errors say what differs.
+    pub(crate) fn from_signature(signature: &Signature) -> Result<Self, String> {
+        let input = |name: &str| signature.inputs.iter().find(|s| s.name == name);
+        let output = |name: &str| signature.outputs.iter().find(|s| s.name == name);
+        for name in REQUIRED_INPUTS {
+            match input(name) {
+                Some(spec) if spec.dtype == DataType::Int64 => {}
+                Some(spec) => {
+                    return Err(format!(
+                        "input '{name}' is {:?}; a generation model needs INT64",
+                        spec.dtype
+                    ));
+                }
+                None => return Err(format!("a generation model needs an input '{name}'")),
+            }
+        }
+        match output("logits") {
+            Some(spec) if spec.dtype == DataType::Fp32 && spec.shape.len() == 3 => {}
+            _ => {
+                return Err(
+                    "a generation model needs an FP32 output 'logits' [batch, 1, vocab]".into(),
+                );
+            }
+        }
+        let layers = (0..)
+            .take_while(|i| input(&format!("past_key_values.{i}.key")).is_some())
+            .count();
+        if layers == 0 {
+            return Err("a generation model needs inputs 'past_key_values.0.key' and on".into());
+        }
+        let first = input("past_key_values.0.key").map(|s| s.shape.clone());
+        let (kv_heads, head_dim) = match first.as_deref() {
+            Some([_, heads, _, dim]) if *heads > 0 && *dim > 0 => (*heads as usize, *dim as usize),
+            other => {
+                return Err(format!(
+                    "'past_key_values.0.key' has shape {other:?}; expected [batch, kv_heads, past, head_dim] with fixed kv_heads and head_dim"
+                ));
+            }
+        };
+        let mut past = Vec::with_capacity(2 * layers);
+        let mut present = Vec::with_capacity(2 * layers);
+        for i in 0..layers {
+            for part in ["key", "value"] {
+                let p = format!("past_key_values.{i}.{part}");
+                let q = format!("present.{i}.{part}");
+                match input(&p) {
+                    Some(s)
+                        if s.dtype == DataType::Fp32
+                            && s.shape == first.clone().unwrap_or_default() => {}
+                    _ => {
+                        return Err(format!(
+                            "input '{p}' is missing or differs from past_key_values.0.key"
+                        ));
+                    }
+                }
+                if output(&q).is_none() {
+                    return Err(format!("a generation model needs an output '{q}'"));
+                }
+                past.push(p);
+                present.push(q);
+            }
+        }
+        Ok(DecoderSpec {
+            layers,
+            kv_heads,
+            head_dim,
+            past,
+            present,
+        })
+    }
+
+    /// Bytes of KV cache one token position of one row takes.
+    pub(crate) fn bytes_per_token(&self) -> usize {
+        2 * self.layers * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+    }
+}
+
+/// The KV cache of a batch: one tensor per past input, `[rows, heads, width, dim]`.
+#[derive(Debug)]
+pub(crate) struct Kv {
+    values: Vec<DynValue>,
+    pub rows: usize,
+    pub width: usize,
+}
+
+/// One row of a new batch: which cache it comes from, which row there, and
+/// how many real positions it has (right-aligned).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowSource<'a> {
+    pub kv: &'a Kv,
+    pub row: usize,
+    pub len: usize,
+}
+
+fn run_error(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Run(e.to_string())
+}
+
+impl Kv {
+    /// A new batch of `sources.len()` rows, `width` wide, each row's real
+    /// positions copied to the right end and zeros (masked) before them.
+    pub(crate) fn gather(
+        spec: &DecoderSpec,
+        sources: &[RowSource<'_>],
+        width: usize,
+    ) -> Result<Kv, EngineError> {
+        let (h, d) = (spec.kv_heads, spec.head_dim);
+        let rows = sources.len();
+        let mut values = Vec::with_capacity(spec.past.len());
+        let mut placed = Vec::with_capacity(rows);
+        for index in 0..spec.past.len() {
+            placed.clear();
+            for source in sources {
+                let (_, data) = source.kv.values[index]
+                    .try_extract_tensor::<f32>()
+                    .map_err(run_error)?;
+                placed.push(Placed {
+                    data,
+                    width: source.kv.width,
+                    row: source.row,
+                    len: source.len,
+                });
+            }
+            let mut out = vec![0f32; rows * h * width * d];
+            place_rows(&mut out, width, h, d, &placed);
+            values.push(tensor(vec![rows, h, width, d], out)?);
+        }
+        Ok(Kv {
+            values,
+            rows,
+            width,
+        })
+    }
+
+    /// An empty cache (no positions) for `rows` rows.
+    pub(crate) fn empty(spec: &DecoderSpec, rows: usize) -> Result<Kv, EngineError> {
+        let values = (0..spec.past.len())
+            .map(|_| {
+                tensor(
+                    vec![rows, spec.kv_heads, 0, spec.head_dim],
+                    Vec::<f32>::new(),
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Kv {
+            values,
+            rows,
+            width: 0,
+        })
+    }
+}
+
+fn tensor<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
+    shape: Vec<usize>,
+    data: Vec<T>,
+) -> Result<DynValue, EngineError> {
+    let shape: Vec<i64> = shape.into_iter().map(|n| n as i64).collect();
+    Ok(Tensor::from_array((shape, data))
+        .map_err(run_error)?
+        .into_dyn())
+}
+
+/// One source row of [`place_rows`]: `data` is `[rows, heads, width, dim]`.
+#[derive(Debug)]
+struct Placed<'a> {
+    data: &'a [f32],
+    width: usize,
+    row: usize,
+    len: usize,
+}
+
+/// Copies the last `len` positions of each source row into row `r` of `out`
+/// (`[rows, heads, width, dim]`), right-aligned.
+fn place_rows(out: &mut [f32], width: usize, heads: usize, dim: usize, sources: &[Placed<'_>]) {
+    for (r, source) in sources.iter().enumerate() {
+        let len = source.len.min(width).min(source.width);
+        for head in 0..heads {
+            let from = ((source.row * heads + head) * source.width + source.width - len) * dim;
+            let to = ((r * heads + head) * width + width - len) * dim;
+            out[to..to + len * dim].copy_from_slice(&source.data[from..from + len * dim]);
+        }
+    }
+}
+
+/// One decoder session.
+#[derive(Debug)]
+pub(crate) struct Decoder {
+    pub session: Session,
+    pub spec: DecoderSpec,
+}
+
+/// A step's inputs: `rows × seq` tokens with their positions and the mask
+/// over `past + seq` columns.
+#[derive(Debug)]
+pub(crate) struct StepInput {
+    pub ids: Vec<i64>,
+    pub positions: Vec<i64>,
+    pub mask: Vec<i64>,
+    pub rows: usize,
+    pub seq: usize,
+}
+
+impl Decoder {
+    /// Runs one forward pass over `past` and returns each row's logits
+    /// (`rows × vocab`, row-major) and the grown cache.
+    pub(crate) fn run(
+        &mut self,
+        input: StepInput,
+        past: Kv,
+    ) -> Result<(Vec<f32>, usize, Kv), EngineError> {
+        let StepInput {
+            ids,
+            positions,
+            mask,
+            rows,
+            seq,
+        } = input;
+        let width = past.width + seq;
+        debug_assert_eq!(mask.len(), rows * width);
+        let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(3 + self.spec.past.len());
+        inputs.push(("input_ids".into(), tensor(vec![rows, seq], ids)?));
+        inputs.push(("attention_mask".into(), tensor(vec![rows, width], mask)?));
+        inputs.push(("position_ids".into(), tensor(vec![rows, seq], positions)?));
+        for (name, value) in self.spec.past.iter().zip(past.values) {
+            inputs.push((name.clone(), value));
+        }
+        let mut outputs = self.session.run(inputs).map_err(run_error)?;
+        let logits = outputs
+            .remove("logits")
+            .ok_or_else(|| EngineError::Run("the model produced no 'logits'".into()))?;
+        let (shape, data) = logits.try_extract_tensor::<f32>().map_err(run_error)?;
+        let vocab = shape.last().copied().unwrap_or(0) as usize;
+        if shape.len() != 3 || shape[0] as usize != rows || vocab == 0 || data.len() != rows * vocab
+        {
+            return Err(EngineError::Run(format!(
+                "'logits' has shape {shape:?}; expected [{rows}, 1, vocab]"
+            )));
+        }
+        let logits = data.to_vec();
+        let mut values = Vec::with_capacity(self.spec.present.len());
+        for name in &self.spec.present {
+            values.push(
+                outputs
+                    .remove(name.as_str())
+                    .ok_or_else(|| EngineError::Run(format!("the model produced no '{name}'")))?,
+            );
+        }
+        Ok((
+            logits,
+            vocab,
+            Kv {
+                values,
+                rows,
+                width,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::TensorSpec;
+
+    fn spec(name: &str, dtype: DataType, shape: &[i64]) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+        }
+    }
+
+    fn decoder_signature(layers: usize) -> Signature {
+        let mut inputs = vec![
+            spec("input_ids", DataType::Int64, &[-1, -1]),
+            spec("attention_mask", DataType::Int64, &[-1, -1]),
+            spec("position_ids", DataType::Int64, &[-1, -1]),
+        ];
+        let mut outputs = vec![spec("logits", DataType::Fp32, &[-1, 1, 100])];
+        for i in 0..layers {
+            for part in ["key", "value"] {
+                inputs.push(spec(
+                    &format!("past_key_values.{i}.{part}"),
+                    DataType::Fp32,
+                    &[-1, 3, -1, 64],
+                ));
+                outputs.push(spec(
+                    &format!("present.{i}.{part}"),
+                    DataType::Fp32,
+                    &[-1, 3, -1, 64],
+                ));
+            }
+        }
+        Signature { inputs, outputs }
+    }
+
+    #[test]
+    fn the_decoder_interface_is_read_from_the_signature() {
+        let spec = DecoderSpec::from_signature(&decoder_signature(2)).unwrap();
+        assert_eq!((spec.layers, spec.kv_heads, spec.head_dim), (2, 3, 64));
+        assert_eq!(spec.past[3], "past_key_values.1.value");
+        assert_eq!(spec.present[3], "present.1.value");
+        assert_eq!(spec.bytes_per_token(), 2 * 2 * 3 * 64 * 4);
+    }
+
+    #[test]
+    fn rows_are_placed_right_aligned_with_zeros_before() {
+        // Source: 2 rows, 1 head, width 3, dim 2; row 1 has 2 real positions.
+        let source: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let placed = [
+            Placed {
+                data: &source,
+                width: 3,
+                row: 1,
+                len: 2,
+            },
+            Placed {
+                data: &source,
+                width: 3,
+                row: 0,
+                len: 3,
+            },
+        ];
+        let mut out = vec![-1.0; 2 * 4 * 2];
+        out.iter_mut().for_each(|v| *v = 0.0);
+        place_rows(&mut out, 4, 1, 2, &placed);
+        assert_eq!(
+            out,
+            vec![
+                0.0, 0.0, 0.0, 0.0, 8.0, 9.0, 10.0, 11.0, // row 1's last 2 positions
+                0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, // row 0 whole
+            ]
+        );
+    }
+
+    #[test]
+    fn a_graph_without_the_interface_is_refused_with_the_reason() {
+        let mut no_cache = decoder_signature(0);
+        assert!(
+            DecoderSpec::from_signature(&no_cache)
+                .unwrap_err()
+                .contains("past_key_values.0.key")
+        );
+        no_cache.inputs.remove(1);
+        assert!(
+            DecoderSpec::from_signature(&no_cache)
+                .unwrap_err()
+                .contains("attention_mask")
+        );
+        let mut no_present = decoder_signature(2);
+        no_present.outputs.pop();
+        assert!(
+            DecoderSpec::from_signature(&no_present)
+                .unwrap_err()
+                .contains("present.1.value")
+        );
+        let mut float_ids = decoder_signature(1);
+        float_ids.inputs[0].dtype = DataType::Fp32;
+        assert!(
+            DecoderSpec::from_signature(&float_ids)
+                .unwrap_err()
+                .contains("INT64")
+        );
+    }
+}

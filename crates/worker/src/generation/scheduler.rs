@@ -1,0 +1,467 @@
+//! The scheduler thread of one generation model version: continuous
+//! batching over a left-padded KV cache.
+//!
+//! Each turn it takes new requests, drops the ones whose caller went away or
+//! whose deadline passed, admits waiting requests in arrival order while the
+//! KV budget allows (prefilling each prompt alone, in chunks), rebuilds the
+//! batch's cache when rows joined or left, and runs one decode step for every
+//! running sequence.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::Instant;
+
+use lmgrid_core::error::ErrorKind;
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::decoder::{Decoder, Kv, RowSource, StepInput};
+use super::sampling::Sampler;
+use super::text::{Detokenizer, StopMatcher};
+use super::{Event, Finish, Occupancy, Submission};
+use crate::metrics::GenerationMetrics;
+use crate::repository::GenerationConfig;
+
+/// One completion being decoded.
+#[derive(Debug)]
+struct Sequence {
+    index: usize,
+    events: UnboundedSender<Event>,
+    deadline: Option<Instant>,
+    sampler: Sampler,
+    detokenizer: Detokenizer,
+    stops: StopMatcher,
+    /// Its row in the batch's cache.
+    row: usize,
+    /// Positions in the KV cache: prompt + generated − the pending token.
+    kv_len: usize,
+    /// The token sampled last, not yet in the cache.
+    pending: u32,
+    generated: usize,
+    max_tokens: usize,
+    /// Prompt + max_tokens: the most positions this sequence can hold.
+    reserved: usize,
+}
+
+/// A prefilled request about to join the batch.
+#[derive(Debug)]
+struct Joiner {
+    kv: Kv,
+    sequences: Vec<Sequence>,
+}
+
+pub(super) struct Scheduler {
+    decoder: Decoder,
+    config: GenerationConfig,
+    tokenizer: Arc<Tokenizer>,
+    occupancy: Arc<Occupancy>,
+    metrics: GenerationMetrics,
+    waiting: VecDeque<Submission>,
+    running: Vec<Sequence>,
+    /// The running sequences' cache; `Sequence::row` indexes it.
+    kv: Option<Kv>,
+    /// Rows left since the cache was last rebuilt.
+    dirty: bool,
+}
+
+impl Scheduler {
+    pub(super) fn new(
+        decoder: Decoder,
+        config: GenerationConfig,
+        tokenizer: Arc<Tokenizer>,
+        occupancy: Arc<Occupancy>,
+        metrics: GenerationMetrics,
+    ) -> Self {
+        Scheduler {
+            decoder,
+            config,
+            tokenizer,
+            occupancy,
+            metrics,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            kv: None,
+            dirty: false,
+        }
+    }
+
+    /// Runs until the queue is closed and every request is answered.
+    pub(super) fn run(mut self, queue: Receiver<Submission>) {
+        let mut open = true;
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                self.publish();
+                if !open {
+                    break;
+                }
+                match queue.recv() {
+                    Ok(submission) => self.waiting.push_back(submission),
+                    Err(_) => break,
+                }
+            }
+            while open {
+                match queue.try_recv() {
+                    Ok(submission) => self.waiting.push_back(submission),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
+                }
+            }
+            self.drop_abandoned(Instant::now());
+            let joiners = self.admit();
+            if self.dirty || !joiners.is_empty() {
+                if let Err(e) = self.rebuild(joiners) {
+                    self.fail_running(&format!("rebuild the KV cache: {e}"));
+                    continue;
+                }
+            }
+            if !self.running.is_empty() {
+                if let Err(e) = self.step() {
+                    self.fail_running(&format!("decode step: {e}"));
+                }
+            }
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        self.occupancy
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        self.metrics.running.set(self.running.len() as i64);
+        self.metrics
+            .waiting
+            .set(self.occupancy.waiting.load(Ordering::Relaxed) as i64);
+        self.metrics
+            .kv_positions
+            .set(self.kv.as_ref().map_or(0, |kv| kv.rows * kv.width) as i64);
+    }
+
+    /// A submission leaves the queue (admitted or dropped).
+    fn dequeued(&self) {
+        self.occupancy.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Drops waiting requests and running sequences whose caller went away
+    /// or whose deadline passed.
+    fn drop_abandoned(&mut self, now: Instant) {
+        let expired = |deadline: Option<Instant>| deadline.is_some_and(|d| d <= now);
+        let mut dropped = 0;
+        self.waiting.retain(|s| {
+            if s.events.is_closed() {
+                dropped += 1;
+                return false;
+            }
+            if expired(s.deadline) {
+                let _ = s.events.send(Event::Failed(deadline_status()));
+                dropped += 1;
+                return false;
+            }
+            true
+        });
+        for _ in 0..dropped {
+            self.dequeued();
+        }
+        let before = self.running.len();
+        self.running.retain(|seq| {
+            if seq.events.is_closed() {
+                return false;
+            }
+            if expired(seq.deadline) {
+                let _ = seq.events.send(Event::Failed(deadline_status()));
+                return false;
+            }
+            true
+        });
+        let gone = before - self.running.len();
+        if gone > 0 {
+            self.dirty = true;
+        }
+        self.metrics.cancelled.inc_by((dropped + gone) as u64);
+    }
+
+    /// Whether `n` more sequences reserving `reserved` positions each fit the
+    /// KV budget: rows × the longest reservation (the cache is as wide as its
+    /// longest row) and the sequence limit.
+    fn fits(&self, joining: &[Joiner], n: usize, reserved: usize) -> bool {
+        let rows =
+            self.running.len() + joining.iter().map(|j| j.sequences.len()).sum::<usize>() + n;
+        let widest = self
+            .running
+            .iter()
+            .chain(joining.iter().flat_map(|j| &j.sequences))
+            .map(|s| s.reserved)
+            .fold(reserved, usize::max);
+        rows <= self.config.max_sequences && rows * widest <= self.config.max_total_tokens
+    }
+
+    /// Prefills waiting requests, in arrival order, while they fit and the
+    /// turn's prefill budget lasts (the first always gets its turn).
+    fn admit(&mut self) -> Vec<Joiner> {
+        let mut joiners = Vec::new();
+        let mut budget = self.config.prefill_chunk_tokens;
+        while let Some(next) = self.waiting.front() {
+            let request = &next.request;
+            let reserved = request.prompt.len() + request.max_tokens;
+            if !self.fits(&joiners, request.n, reserved) {
+                break;
+            }
+            if !joiners.is_empty() && request.prompt.len() > budget {
+                break;
+            }
+            let Some(submission) = self.waiting.pop_front() else {
+                break;
+            };
+            self.dequeued();
+            budget = budget.saturating_sub(submission.request.prompt.len());
+            match self.prefill(submission) {
+                Ok(Some(joiner)) => joiners.push(joiner),
+                Ok(None) => {}
+                Err((events, e)) => {
+                    tracing::error!(error = %e, "prefill failed");
+                    let _ = events.send(Event::Failed(
+                        ErrorKind::Internal.status(format!("prefill: {e}")),
+                    ));
+                }
+            }
+        }
+        joiners
+    }
+
+    /// Runs a prompt through the model in chunks and samples each of its
+    /// completions' first token. `None` when every completion already ended.
+    fn prefill(
+        &mut self,
+        submission: Submission,
+    ) -> Result<Option<Joiner>, (UnboundedSender<Event>, crate::engine::EngineError)> {
+        let Submission {
+            request,
+            deadline,
+            events,
+            enqueued,
+        } = submission;
+        let started = Instant::now();
+        let prompt_len = request.prompt.len();
+        let fail = |e| (events.clone(), e);
+        let mut kv = Kv::empty(&self.decoder.spec, 1).map_err(fail)?;
+        let mut logits = Vec::new();
+        let chunk = self.config.prefill_chunk_tokens.max(1);
+        for start in (0..prompt_len).step_by(chunk) {
+            let end = (start + chunk).min(prompt_len);
+            let input = StepInput {
+                ids: request.prompt[start..end]
+                    .iter()
+                    .map(|&t| i64::from(t))
+                    .collect(),
+                positions: (start as i64..end as i64).collect(),
+                mask: vec![1; end],
+                rows: 1,
+                seq: end - start,
+            };
+            let (l, _, next) = self.decoder.run(input, kv).map_err(fail)?;
+            logits = l;
+            kv = next;
+        }
+        self.metrics
+            .prefill_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.prompt_tokens.inc_by(prompt_len as u64);
+        self.metrics
+            .time_to_first_token
+            .observe(enqueued.elapsed().as_secs_f64());
+
+        let mut sequences = Vec::with_capacity(request.n);
+        for index in 0..request.n {
+            let sampling = super::SamplingParams {
+                seed: request.sampling.seed.map(|s| s.wrapping_add(index as u64)),
+                ..request.sampling.clone()
+            };
+            let mut seq = Sequence {
+                index,
+                events: events.clone(),
+                deadline,
+                sampler: Sampler::new(sampling, &request.prompt),
+                detokenizer: Detokenizer::default(),
+                stops: StopMatcher::new(request.stop.clone()),
+                row: 0,
+                kv_len: prompt_len,
+                pending: 0,
+                generated: 0,
+                max_tokens: request.max_tokens,
+                reserved: prompt_len + request.max_tokens,
+            };
+            let token = seq.sampler.sample(&logits);
+            if self.accept(&mut seq, token) {
+                sequences.push(seq);
+            }
+        }
+        Ok((!sequences.is_empty()).then_some(Joiner { kv, sequences }))
+    }
+
+    /// Handles a sampled token: sends its text, and finishes the sequence on
+    /// an end-of-sequence token, a stop sequence or its token limit. Returns
+    /// whether the sequence goes on.
+    fn accept(&self, seq: &mut Sequence, token: u32) -> bool {
+        seq.generated += 1;
+        self.metrics.generated_tokens.inc();
+        let send = |seq: &Sequence, text: String, token_ids: Vec<u32>| {
+            if !text.is_empty() || !token_ids.is_empty() {
+                let _ = seq.events.send(Event::Delta {
+                    index: seq.index,
+                    text,
+                    token_ids,
+                });
+            }
+        };
+        let finish = |seq: &Sequence, reason: Finish, stop_sequence: Option<String>| {
+            let _ = seq.events.send(Event::Finished {
+                index: seq.index,
+                reason,
+                stop_sequence,
+                completion_tokens: seq.generated,
+            });
+        };
+        if self.config.eos_token_ids.contains(&token) {
+            let held = seq.stops.flush();
+            send(seq, held, Vec::new());
+            finish(seq, Finish::Stop, None);
+            return false;
+        }
+        let delta = seq.detokenizer.push(&self.tokenizer, token);
+        let matched = seq.stops.push(&delta);
+        if let Some(stop) = matched.stop {
+            send(seq, matched.text, vec![token]);
+            finish(seq, Finish::Stop, Some(stop));
+            return false;
+        }
+        if seq.generated >= seq.max_tokens {
+            let text = matched.text + &seq.stops.flush();
+            send(seq, text, vec![token]);
+            finish(seq, Finish::Length, None);
+            return false;
+        }
+        send(seq, matched.text, vec![token]);
+        seq.pending = token;
+        true
+    }
+
+    /// Gathers the running rows and the joiners' rows into a new cache as
+    /// wide as the longest of them.
+    fn rebuild(&mut self, joiners: Vec<Joiner>) -> Result<(), crate::engine::EngineError> {
+        self.dirty = false;
+        let old = self.kv.take();
+        let started = Instant::now();
+        // One new request alone with one completion: its cache is the batch.
+        if self.running.is_empty() && joiners.len() == 1 && joiners[0].sequences.len() == 1 {
+            let Some(Joiner { kv, mut sequences }) = joiners.into_iter().next() else {
+                return Ok(());
+            };
+            sequences[0].row = 0;
+            self.running = sequences;
+            self.kv = Some(kv);
+            return Ok(());
+        }
+        let mut sources = Vec::new();
+        if let Some(old) = &old {
+            for seq in &self.running {
+                sources.push(RowSource {
+                    kv: old,
+                    row: seq.row,
+                    len: seq.kv_len,
+                });
+            }
+        }
+        for joiner in &joiners {
+            for seq in &joiner.sequences {
+                sources.push(RowSource {
+                    kv: &joiner.kv,
+                    row: 0,
+                    len: seq.kv_len,
+                });
+            }
+        }
+        let width = sources.iter().map(|s| s.len).max().unwrap_or(0);
+        let kv = if sources.is_empty() {
+            None
+        } else {
+            Some(Kv::gather(&self.decoder.spec, &sources, width)?)
+        };
+        drop(sources);
+        self.running
+            .extend(joiners.into_iter().flat_map(|j| j.sequences));
+        for (row, seq) in self.running.iter_mut().enumerate() {
+            seq.row = row;
+        }
+        self.kv = kv;
+        self.metrics
+            .rebuild_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// One decode step for every running sequence.
+    fn step(&mut self) -> Result<(), crate::engine::EngineError> {
+        let Some(kv) = self.kv.take() else {
+            return Err(crate::engine::EngineError::Run(
+                "running sequences without a KV cache".into(),
+            ));
+        };
+        let rows = self.running.len();
+        let width = kv.width;
+        let mut ids = Vec::with_capacity(rows);
+        let mut positions = Vec::with_capacity(rows);
+        let mut mask = Vec::with_capacity(rows * (width + 1));
+        for seq in &self.running {
+            ids.push(i64::from(seq.pending));
+            positions.push(seq.kv_len as i64);
+            mask.extend(std::iter::repeat_n(0, width - seq.kv_len));
+            mask.extend(std::iter::repeat_n(1, seq.kv_len + 1));
+        }
+        let started = Instant::now();
+        let (logits, vocab, kv) = self.decoder.run(
+            StepInput {
+                ids,
+                positions,
+                mask,
+                rows,
+                seq: 1,
+            },
+            kv,
+        )?;
+        self.metrics
+            .step_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.step_rows.observe(rows as f64);
+        self.kv = Some(kv);
+        let mut running = std::mem::take(&mut self.running);
+        let before = running.len();
+        running.retain_mut(|seq| {
+            seq.kv_len += 1;
+            let row = &logits[seq.row * vocab..(seq.row + 1) * vocab];
+            let token = seq.sampler.sample(row);
+            self.accept(seq, token)
+        });
+        if running.len() != before {
+            self.dirty = true;
+        }
+        self.running = running;
+        Ok(())
+    }
+
+    /// Fails every running sequence after an engine error; the batch starts over.
+    fn fail_running(&mut self, message: &str) {
+        tracing::error!(error = message, "generation failed");
+        for seq in self.running.drain(..) {
+            let _ = seq.events.send(Event::Failed(
+                ErrorKind::Internal.status(message.to_string()),
+            ));
+        }
+        self.kv = None;
+        self.dirty = false;
+    }
+}
+
+fn deadline_status() -> tonic::Status {
+    ErrorKind::DeadlineExceeded.status("the request's deadline passed during generation")
+}

@@ -1,0 +1,403 @@
+//! `GenerationService` over the real SmolLM2-135M-Instruct that `cargo xtask models` converts
+//! into the cache. Exactness tests use the fp32 reference graph: with greedy decoding, a
+//! sequence decoded inside a continuous batch must produce exactly the tokens it produces
+//! alone. Without the converted models these tests fail, saying what to run.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lmgrid_proto::lmgrid::v1 as pb;
+use lmgrid_proto::lmgrid::v1::generation_service_client::GenerationServiceClient;
+use tokio::task::JoinSet;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::support::{
+    PATIENCE, Repo, TestWorker, assert_status, cached_model, linked_repo, metric,
+};
+
+const FP32: &str = "smollm2-135m-instruct-fp32";
+const FAST: &str = "smollm2-135m-instruct";
+
+fn smollm_repo(variant: &str, name: &str, config: Option<&str>) -> anyhow::Result<Repo> {
+    linked_repo(&cached_model(variant, "generation"), name, config)
+}
+
+/// The converted config with `generation` keys replaced.
+fn config_with(variant: &str, replace: &[(&str, &str)]) -> String {
+    let source = cached_model(variant, "generation").join("config.yaml");
+    let text = std::fs::read_to_string(&source).unwrap_or_default();
+    text.lines()
+        .map(|line| {
+            let key = line.trim_start().split(':').next().unwrap_or_default();
+            match replace.iter().find(|(k, _)| *k == key) {
+                Some((k, v)) => format!("  {k}: {v}"),
+                None => line.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn client(worker: &TestWorker) -> anyhow::Result<GenerationServiceClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", worker.addr))?
+        .connect()
+        .await
+        .context("connect to the worker")?;
+    Ok(GenerationServiceClient::new(channel))
+}
+
+fn chat(model: &str, question: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: Some(pb::ModelRef {
+            name: model.to_string(),
+            version: String::new(),
+        }),
+        input: Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: question.into(),
+                name: String::new(),
+            }],
+        })),
+        sampling: Some(pb::SamplingParams {
+            max_tokens,
+            ..Default::default()
+        }),
+        return_token_ids: true,
+        ..Default::default()
+    }
+}
+
+fn prompt(model: &str, text: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Prompt(text.into())),
+        ..chat(model, "", max_tokens)
+    }
+}
+
+fn sampled(mut request: pb::GenerateRequest, temperature: f32, seed: u64) -> pb::GenerateRequest {
+    if let Some(s) = request.sampling.as_mut() {
+        s.temperature = Some(temperature);
+        s.top_p = Some(0.95);
+        s.seed = Some(seed);
+    }
+    request
+}
+
+async fn generate(
+    client: &mut GenerationServiceClient<Channel>,
+    request: pb::GenerateRequest,
+) -> anyhow::Result<pb::GenerateResponse> {
+    Ok(client.generate(request).await?.into_inner())
+}
+
+fn only(response: &pb::GenerateResponse) -> &pb::Completion {
+    &response.completions[0]
+}
+
+#[tokio::test]
+async fn greedy_chat_says_paris_is_the_capital_of_france() -> anyhow::Result<()> {
+    for variant in [FP32, FAST] {
+        let worker = TestWorker::start(smollm_repo(variant, variant, None)?).await?;
+        let mut client = client(&worker).await?;
+        let answer = generate(
+            &mut client,
+            chat(variant, "What is the capital of France?", 24),
+        )
+        .await?;
+        let completion = only(&answer);
+        assert!(
+            completion.text.contains("Paris"),
+            "{variant}: {:?}",
+            completion.text
+        );
+        let usage = answer.usage.context("usage")?;
+        assert!(
+            usage.prompt_tokens > 10,
+            "the chat template adds a system prompt"
+        );
+        assert_eq!(
+            usage.completion_tokens as usize,
+            completion.token_ids.len()
+                + usize::from(completion.finish_reason == pb::FinishReason::Stop as i32)
+        );
+        assert_eq!(
+            usage.total_tokens,
+            usage.prompt_tokens + usage.completion_tokens
+        );
+        assert_eq!(answer.model.context("model")?.version, "1");
+        worker.stop().await?;
+    }
+    Ok(())
+}
+
+/// Eight prompts of different lengths, each started once the previous one is decoding, so
+/// that they join the running batch at different steps: every one gives exactly the tokens
+/// it gives alone.
+#[tokio::test]
+async fn sequences_joining_a_running_batch_decode_exactly_as_alone() -> anyhow::Result<()> {
+    let worker = TestWorker::start(smollm_repo(FP32, "smollm-batch", None)?).await?;
+    let mut client = client(&worker).await?;
+    let questions = [
+        "What is the capital of France?",
+        "Name three colours.",
+        "Write one sentence about the sea and the wind over the water at night.",
+        "2+2=?",
+        "Who wrote Hamlet?",
+        "List the days of the week, starting from Monday, separated by commas, please.",
+        "Hi!",
+        "Explain in a few words why the sky is blue during the day.",
+    ];
+    let max_tokens = 20;
+    let mut alone = Vec::new();
+    for q in questions {
+        let response = generate(&mut client, chat("smollm-batch", q, max_tokens)).await?;
+        alone.push(only(&response).token_ids.clone());
+    }
+
+    let mut streams = JoinSet::new();
+    for (i, q) in questions.iter().enumerate() {
+        let mut stream = client
+            .generate_stream(chat("smollm-batch", q, max_tokens))
+            .await?
+            .into_inner();
+        // Wait for this one's first tokens, so the next joins a batch already decoding.
+        let mut tokens = Vec::new();
+        while tokens.len() < 2 {
+            let Some(message) = stream.message().await? else {
+                break;
+            };
+            tokens.extend(message.token_ids);
+            if message.finish_reason != 0 {
+                break;
+            }
+        }
+        streams.spawn(async move {
+            while let Some(message) = stream.message().await? {
+                tokens.extend(message.token_ids);
+            }
+            anyhow::Ok((i, tokens))
+        });
+    }
+    let mut together = vec![Vec::new(); questions.len()];
+    while let Some(done) = streams.join_next().await {
+        let (i, tokens) = done??;
+        together[i] = tokens;
+    }
+    for (i, q) in questions.iter().enumerate() {
+        assert_eq!(
+            together[i], alone[i],
+            "{q:?} decoded differently in the batch"
+        );
+    }
+    let rows = metric("lmgrid_worker_decode_batch_size_sum", "smollm-batch");
+    let steps = metric("lmgrid_worker_decode_batch_size_count", "smollm-batch");
+    assert!(
+        rows / steps > 1.5,
+        "the streams shared decode steps ({rows} rows in {steps} steps)"
+    );
+    worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn stop_sequences_max_tokens_and_streams_agree() -> anyhow::Result<()> {
+    let worker = TestWorker::start(smollm_repo(FP32, "smollm-stop", None)?).await?;
+    let mut client = client(&worker).await?;
+    let question = "What is the capital of France?";
+
+    let mut stopped = chat("smollm-stop", question, 24);
+    if let Some(s) = stopped.sampling.as_mut() {
+        s.stop = vec!["Paris".into()];
+    }
+    let response = generate(&mut client, stopped).await?;
+    let completion = only(&response);
+    assert_eq!(completion.finish_reason, pb::FinishReason::Stop as i32);
+    assert_eq!(completion.stop_sequence, "Paris");
+    assert!(!completion.text.contains("Paris"), "{:?}", completion.text);
+    assert!(!completion.text.is_empty());
+
+    let short = generate(&mut client, chat("smollm-stop", question, 3)).await?;
+    assert_eq!(only(&short).finish_reason, pb::FinishReason::Length as i32);
+    assert_eq!(only(&short).token_ids.len(), 3);
+    assert_eq!(short.usage.context("usage")?.completion_tokens, 3);
+
+    // The stream's deltas add up to the unary text; usage comes last.
+    let whole = generate(&mut client, chat("smollm-stop", question, 16)).await?;
+    let mut request = chat("smollm-stop", question, 16);
+    request.include_usage = true;
+    let mut stream = client.generate_stream(request).await?.into_inner();
+    let mut text = String::new();
+    let mut last = None;
+    while let Some(message) = stream.message().await? {
+        text.push_str(&message.text_delta);
+        last = Some(message);
+    }
+    let last = last.context("no message")?;
+    assert_eq!(text, only(&whole).text);
+    assert_eq!(last.finish_reason, only(&whole).finish_reason);
+    assert_eq!(last.usage, whole.usage);
+    worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_same_seed_gives_the_same_text() -> anyhow::Result<()> {
+    let worker = TestWorker::start(smollm_repo(FAST, "smollm-seed", None)?).await?;
+    let mut client = client(&worker).await?;
+    let request = |seed| {
+        sampled(
+            chat("smollm-seed", "Tell me a short story about a cat.", 24),
+            1.0,
+            seed,
+        )
+    };
+    let a = generate(&mut client, request(42)).await?;
+    let b = generate(&mut client, request(42)).await?;
+    assert_eq!(only(&a).text, only(&b).text);
+    assert_eq!(only(&a).token_ids, only(&b).token_ids);
+    let mut others = Vec::new();
+    for seed in [1, 2, 3] {
+        others.push(
+            only(&generate(&mut client, request(seed)).await?)
+                .token_ids
+                .clone(),
+        );
+    }
+    assert!(
+        others.iter().any(|t| t != &only(&a).token_ids),
+        "four seeds gave the same 24 sampled tokens"
+    );
+
+    // n completions: one prompt, n answers, usage over all of them.
+    let mut two = request(7);
+    if let Some(s) = two.sampling.as_mut() {
+        s.n = 2;
+    }
+    let both = generate(&mut client, two).await?;
+    assert_eq!(both.completions.len(), 2);
+    assert_eq!(both.completions[1].index, 1);
+    let usage = both.usage.context("usage")?;
+    assert!(
+        usage.completion_tokens as usize
+            >= both.completions[0].token_ids.len() + both.completions[1].token_ids.len()
+    );
+    worker.stop().await?;
+    Ok(())
+}
+
+/// With one slot, a second request can only run once the first is gone: dropping the first
+/// stream must free its slot at the next step.
+#[tokio::test]
+async fn a_cancelled_stream_frees_its_slot() -> anyhow::Result<()> {
+    let config = config_with(FAST, &[("max_sequences", "1")]);
+    let worker = TestWorker::start(smollm_repo(FAST, "smollm-cancel", Some(&config))?).await?;
+    let mut client = client(&worker).await?;
+    let mut long = client
+        .generate_stream(prompt(
+            "smollm-cancel",
+            "Count from one to one thousand:",
+            4000,
+        ))
+        .await?
+        .into_inner();
+    long.message().await?.context("a first delta")?;
+    drop(long);
+    let answer = tokio::time::timeout(
+        PATIENCE,
+        generate(&mut client, chat("smollm-cancel", "Hi!", 4)),
+    )
+    .await
+    .context("the second request never got the slot")??;
+    assert_eq!(only(&answer).token_ids.len(), 4);
+    assert!(metric("lmgrid_worker_generation_cancelled_total", "smollm-cancel") >= 1.0);
+
+    // A deadline that passes mid-generation ends it and frees the slot too.
+    let mut timed = tonic::Request::new(prompt(
+        "smollm-cancel",
+        "Count from one to one thousand:",
+        4000,
+    ));
+    timed.set_timeout(Duration::from_millis(500));
+    let status = client.generate(timed).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    let answer = tokio::time::timeout(
+        PATIENCE,
+        generate(&mut client, chat("smollm-cancel", "Hi!", 2)),
+    )
+    .await
+    .context("the slot stayed taken after the deadline")??;
+    assert_eq!(only(&answer).token_ids.len(), 2);
+    worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_requests_name_their_problem() -> anyhow::Result<()> {
+    let config = config_with(
+        FAST,
+        &[("context_length", "64"), ("default_max_tokens", "16")],
+    );
+    let worker = TestWorker::start(smollm_repo(FAST, "smollm-bad", Some(&config))?).await?;
+    let client = client(&worker).await?;
+    let call = |request: pb::GenerateRequest| {
+        let mut client = client.clone();
+        async move { client.generate(request).await.map(|r| r.into_inner()) }
+    };
+    assert_status(
+        call(prompt("smollm-bad", "", 4)).await,
+        Code::InvalidArgument,
+        &["empty"],
+    );
+    let long = "word ".repeat(200);
+    assert_status(
+        call(prompt("smollm-bad", &long, 4)).await,
+        Code::InvalidArgument,
+        &["context of 64"],
+    );
+    assert_status(
+        call(prompt("smollm-bad", "Hello", 100)).await,
+        Code::InvalidArgument,
+        &["max_tokens is 100"],
+    );
+    assert_status(
+        call(sampled(prompt("smollm-bad", "Hello", 4), -1.0, 1)).await,
+        Code::InvalidArgument,
+        &["temperature"],
+    );
+    let mut no_input = prompt("smollm-bad", "x", 4);
+    no_input.input = None;
+    assert_status(
+        call(no_input).await,
+        Code::InvalidArgument,
+        &["neither a prompt nor chat"],
+    );
+    let mut bad_role = chat("smollm-bad", "Hello", 4);
+    if let Some(pb::generate_request::Input::Chat(c)) = bad_role.input.as_mut() {
+        c.messages[0].role = "robot".into();
+    }
+    assert_status(
+        call(bad_role).await,
+        Code::InvalidArgument,
+        &["messages[0].role"],
+    );
+    let mut many_stops = prompt("smollm-bad", "Hello", 4);
+    if let Some(s) = many_stops.sampling.as_mut() {
+        s.stop = vec!["x".into(); 17];
+    }
+    assert_status(call(many_stops).await, Code::InvalidArgument, &["stop"]);
+    assert_status(
+        call(prompt("no-such-model", "Hello", 4)).await,
+        Code::NotFound,
+        &["no-such-model"],
+    );
+    // The default max_tokens fits what the context leaves.
+    let fits = call(prompt("smollm-bad", "Hello", 0)).await?;
+    assert!(only(&fits).token_ids.len() <= 16);
+    worker.stop().await?;
+    Ok(())
+}
