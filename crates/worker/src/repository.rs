@@ -514,4 +514,44 @@ mod tests {
         assert!(unbatched.validate().unwrap_err().starts_with("kind:"));
         assert!(yaml_serde::from_str::<ModelConfig>("kind: llm\n").is_err());
     }
+
+    #[test]
+    fn generation_configs_are_checked_key_by_key() {
+        let parse = |text: &str| yaml_serde::from_str::<ModelConfig>(text).unwrap();
+        let good = parse(
+            "kind: generation\nintra_op_threads: 2\ngeneration:\n  context_length: 8192\n  chat_template: chat_template.jinja\n  eos_token_ids: [2, 0]\n  max_sequences: 8\n",
+        );
+        good.validate().unwrap();
+        let generation = good.generation.as_ref().unwrap();
+        assert_eq!(generation.eos_token_ids, vec![2, 0]);
+        assert_eq!(generation.max_total_tokens, 32768, "defaults fill the rest");
+
+        let error = |text: &str| parse(text).validate().unwrap_err();
+        assert!(error("kind: generation\n").starts_with("generation:"));
+        assert!(
+            error("kind: generation\ngeneration:\n  max_sequences: 4\n").contains("eos_token_ids")
+        );
+        assert!(
+            error("kind: generation\ngeneration:\n  eos_token_ids: [2]\n  max_sequences: 0\n")
+                .contains("generation.max_sequences")
+        );
+        assert!(
+            error("kind: generation\ngeneration:\n  eos_token_ids: [2]\n  context_length: 100\n  default_max_tokens: 100\n")
+                .contains("default_max_tokens")
+        );
+        assert!(
+            error("kind: generation\ninstance_count: 2\ngeneration:\n  eos_token_ids: [2]\n")
+                .starts_with("instance_count")
+        );
+        assert!(
+            error("kind: generation\nmax_batch_size: 4\ndynamic_batching: {}\ngeneration:\n  eos_token_ids: [2]\n")
+                .starts_with("dynamic_batching")
+        );
+        assert!(error("generation:\n  eos_token_ids: [2]\n").contains("only for kind: generation"));
+        assert!(
+            yaml_serde::from_str::<ModelConfig>("kind: generation\ngeneration:\n  max_seqs: 3\n")
+                .is_err(),
+            "unknown keys are refused"
+        );
+    }
 }

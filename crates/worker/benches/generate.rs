@@ -1,0 +1,390 @@
+//! `cargo xtask bench generate`: SmolLM2-135M-Instruct decoding through the
+//! worker against an in-process ONNX Runtime decode loop, both variants.
+//!
+//! Rows of the table, per variant (`smollm2-135m-instruct`, 4-bit, and
+//! `smollm2-135m-instruct-fp32`):
+//! - raw ONNX Runtime: one session, a prompt prefilled for `b` identical rows,
+//!   then greedy decode steps in a loop, `b` = 1, 4, 8, 16 — the limit;
+//! - the worker over gRPC: `c` = 1, 4, 8, 16 concurrent `GenerateStream`
+//!   calls, each restarted as soon as it ends, for the measuring time;
+//!   tokens/s counts every streamed token, time to first token is from the
+//!   call to its first token.
+//!
+//! Also printed: resident memory after loading each variant. The models come
+//! from `cargo xtask models`. `LMGRID_BENCH_SECONDS` (default 10) sets the
+//! measuring time per row, `LMGRID_BENCH_TOKENS` (default 64) the tokens per
+//! stream, `LMGRID_BENCH_VARIANTS` a comma-separated subset of variants.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lmgrid_core::config::{AdminConfig, GrpcConfig, NodeConfig, ShutdownConfig};
+use lmgrid_core::discovery::MemoryDiscovery;
+use lmgrid_proto::lmgrid::v1 as pb;
+use lmgrid_proto::lmgrid::v1::generation_service_client::GenerationServiceClient;
+use lmgrid_worker::engine::{ProviderConfig, Runtime};
+use ort::value::{DynValue, Tensor};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+const QUESTION: &str = "Write a long story about a lighthouse keeper and a storm.";
+const WIDTHS: [usize; 4] = [1, 4, 8, 16];
+
+struct Row {
+    variant: String,
+    case: &'static str,
+    streams: usize,
+    tokens_per_s: f64,
+    ttft_p50_ms: f64,
+    ttft_p99_ms: f64,
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("LMGRID_CACHE_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/lmgrid")))
+        .unwrap_or_else(|| PathBuf::from(".cache/lmgrid"))
+}
+
+fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
+}
+
+/// Resident and peak memory of this process, in MiB.
+fn memory_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let seconds: f64 = env_or("LMGRID_BENCH_SECONDS", 10.0);
+    let tokens: usize = env_or("LMGRID_BENCH_TOKENS", 64);
+    let measure = Duration::from_secs_f64(seconds);
+    let models = cache_dir().join("models");
+    let variants: Vec<String> = std::env::var("LMGRID_BENCH_VARIANTS")
+        .unwrap_or_else(|_| "smollm2-135m-instruct,smollm2-135m-instruct-fp32".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    for v in &variants {
+        anyhow::ensure!(
+            models.join(v).join("1/model.onnx").is_file(),
+            "{} is missing: run `cargo xtask models`",
+            models.join(v).display()
+        );
+    }
+    println!(
+        "lmgrid generate benchmark: {} CPUs, {seconds}s per row, {tokens} tokens per stream, greedy",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let runtime = Runtime::get(&Default::default())?;
+    let mut rows = Vec::new();
+    let mut memory = Vec::new();
+    for variant in &variants {
+        let path = models.join(variant).join("1/model.onnx");
+        let (mut session, _) = runtime.session(&path, &ProviderConfig::default(), 2)?;
+        for width in WIDTHS {
+            rows.push(raw_row(&mut session, variant, width, tokens, measure)?);
+        }
+    }
+
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    for variant in &variants {
+        // A repository holding just this variant, so memory is its own.
+        let repo = tempfile::tempdir()?;
+        std::os::unix::fs::symlink(models.join(variant), repo.path().join(variant))?;
+        let before = memory_mib().0;
+        tokio.block_on(async {
+            let shutdown = CancellationToken::new();
+            let worker = lmgrid_worker::Worker::start(worker_config(repo.path())).await?;
+            let addr = worker.grpc_addr();
+            let table = worker.models();
+            let task = tokio::spawn(worker.run(shutdown.clone()));
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while table.resolve(variant, "").is_err() {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{variant} did not load: {:?}",
+                    table.statuses()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            memory.push((variant.clone(), memory_mib().0 - before));
+            let channel = Channel::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?;
+            for streams in WIDTHS {
+                rows.push(worker_row(&channel, variant, streams, tokens, measure).await?);
+            }
+            shutdown.cancel();
+            task.await??;
+            anyhow::Ok(())
+        })?;
+    }
+
+    println!();
+    println!(
+        "| variant | case | streams | tokens/s | × 1 stream | TTFT p50 ms | TTFT p99 ms | worker / raw |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for row in &rows {
+        let single = rows
+            .iter()
+            .find(|r| r.variant == row.variant && r.case == row.case && r.streams == 1)
+            .map_or(f64::NAN, |r| row.tokens_per_s / r.tokens_per_s);
+        let raw = rows
+            .iter()
+            .find(|r| r.variant == row.variant && r.case == RAW && r.streams == row.streams)
+            .map_or(f64::NAN, |r| row.tokens_per_s / r.tokens_per_s);
+        println!(
+            "| {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {} |",
+            row.variant,
+            row.case,
+            row.streams,
+            row.tokens_per_s,
+            single,
+            row.ttft_p50_ms,
+            row.ttft_p99_ms,
+            if row.case == RAW {
+                "—".to_string()
+            } else {
+                format!("{raw:.2}")
+            }
+        );
+    }
+    println!();
+    for (variant, mib) in &memory {
+        println!("resident memory added by loading {variant} in a worker: {mib:.0} MiB");
+    }
+    println!(
+        "peak resident memory of the benchmark process: {:.0} MiB",
+        memory_mib().1
+    );
+    Ok(())
+}
+
+const RAW: &str = "raw ONNX Runtime";
+const WORKER: &str = "worker (GenerateStream)";
+
+fn worker_config(repo: &Path) -> lmgrid_worker::Config {
+    lmgrid_worker::Config {
+        node: NodeConfig {
+            grpc: GrpcConfig {
+                listen_addr: ([127, 0, 0, 1], 0).into(),
+                advertise_addr: None,
+            },
+            admin: AdminConfig {
+                enabled: false,
+                ..AdminConfig::default()
+            },
+            shutdown: ShutdownConfig {
+                drain_delay: Duration::ZERO,
+                grace_period: Duration::from_secs(5),
+            },
+            in_process_discovery: Some(Arc::new(MemoryDiscovery::new())),
+            ..NodeConfig::default()
+        },
+        model_repository: Some(repo.to_path_buf()),
+        onnxruntime: Default::default(),
+    }
+}
+
+fn value(shape: Vec<i64>, data: Vec<i64>) -> anyhow::Result<DynValue> {
+    Ok(Tensor::from_array((shape, data))?.into_dyn())
+}
+
+/// Prefills a fixed prompt for `width` rows, then decodes greedily in a loop
+/// until `measure` has passed, restarting after `tokens` steps.
+fn raw_row(
+    session: &mut ort::session::Session,
+    variant: &str,
+    width: usize,
+    tokens: usize,
+    measure: Duration,
+) -> anyhow::Result<Row> {
+    let layers = session
+        .inputs()
+        .iter()
+        .filter(|i| i.name().ends_with(".key") && i.name().starts_with("past_key_values."))
+        .count();
+    // A templated prompt's length; the ids themselves do not change the cost.
+    let prompt: Vec<i64> = (0..40).map(|i| 1000 + i).collect();
+    let mut generated = 0usize;
+    let mut ttfts = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < measure {
+        let t = Instant::now();
+        let mut past: Vec<DynValue> = Vec::with_capacity(2 * layers);
+        for _ in 0..2 * layers {
+            past.push(
+                Tensor::from_array((vec![width as i64, 3, 0, 64], Vec::<f32>::new()))?.into_dyn(),
+            );
+        }
+        let mut ids: Vec<i64> = prompt
+            .iter()
+            .cycle()
+            .take(width * prompt.len())
+            .copied()
+            .collect();
+        let mut positions: Vec<i64> = (0..width).flat_map(|_| 0..prompt.len() as i64).collect();
+        let mut seq = prompt.len();
+        let mut len = 0usize;
+        for step in 0..tokens {
+            let mask = vec![1i64; width * (len + seq)];
+            let mut inputs: Vec<(String, DynValue)> = vec![
+                (
+                    "input_ids".into(),
+                    value(vec![width as i64, seq as i64], ids)?,
+                ),
+                (
+                    "attention_mask".into(),
+                    value(vec![width as i64, (len + seq) as i64], mask)?,
+                ),
+                (
+                    "position_ids".into(),
+                    value(vec![width as i64, seq as i64], positions)?,
+                ),
+            ];
+            for (i, v) in past.into_iter().enumerate() {
+                let part = if i % 2 == 0 { "key" } else { "value" };
+                inputs.push((format!("past_key_values.{}.{part}", i / 2), v));
+            }
+            let mut outputs = session.run(inputs)?;
+            let logits = outputs
+                .remove("logits")
+                .ok_or_else(|| anyhow::anyhow!("no logits"))?;
+            let (shape, data) = logits.try_extract_tensor::<f32>()?;
+            let vocab = shape[2] as usize;
+            let next: Vec<i64> = data
+                .chunks(vocab)
+                .map(|row| {
+                    row.iter()
+                        .enumerate()
+                        .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                        .0 as i64
+                })
+                .collect();
+            past = (0..2 * layers)
+                .map(|i| {
+                    let part = if i % 2 == 0 { "key" } else { "value" };
+                    outputs
+                        .remove(format!("present.{}.{part}", i / 2).as_str())
+                        .ok_or_else(|| anyhow::anyhow!("no present"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            if step == 0 {
+                ttfts.push(t.elapsed());
+            }
+            len += seq;
+            seq = 1;
+            positions = vec![len as i64; width];
+            ids = next;
+            generated += width;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    ttfts.sort();
+    Ok(Row {
+        variant: variant.to_string(),
+        case: RAW,
+        streams: width,
+        tokens_per_s: generated as f64 / elapsed,
+        ttft_p50_ms: percentile_ms(&ttfts, 0.5),
+        ttft_p99_ms: percentile_ms(&ttfts, 0.99),
+    })
+}
+
+/// `streams` concurrent streams, each restarted when it ends, for `measure`.
+async fn worker_row(
+    channel: &Channel,
+    variant: &str,
+    streams: usize,
+    tokens: usize,
+    measure: Duration,
+) -> anyhow::Result<Row> {
+    let started = Instant::now();
+    let until = started + measure;
+    let mut tasks = JoinSet::new();
+    for _ in 0..streams {
+        let mut client = GenerationServiceClient::new(channel.clone());
+        let model = variant.to_string();
+        tasks.spawn(async move {
+            let mut generated = 0usize;
+            let mut ttfts = Vec::new();
+            while Instant::now() < until {
+                let request = pb::GenerateRequest {
+                    model: Some(pb::ModelRef {
+                        name: model.clone(),
+                        version: String::new(),
+                    }),
+                    input: Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+                        messages: vec![pb::ChatMessage {
+                            role: "user".into(),
+                            content: QUESTION.into(),
+                            name: String::new(),
+                        }],
+                    })),
+                    sampling: Some(pb::SamplingParams {
+                        max_tokens: tokens as u32,
+                        ..Default::default()
+                    }),
+                    return_token_ids: true,
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                let mut stream = client.generate_stream(request).await?.into_inner();
+                let mut first = true;
+                while let Some(message) = stream.message().await? {
+                    if first && !message.token_ids.is_empty() {
+                        ttfts.push(t.elapsed());
+                        first = false;
+                    }
+                    generated += message.token_ids.len();
+                }
+            }
+            anyhow::Ok((generated, ttfts))
+        });
+    }
+    let mut generated = 0;
+    let mut ttfts = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (g, t) = done??;
+        generated += g;
+        ttfts.extend(t);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    ttfts.sort();
+    Ok(Row {
+        variant: variant.to_string(),
+        case: WORKER,
+        streams,
+        tokens_per_s: generated as f64 / elapsed,
+        ttft_p50_ms: percentile_ms(&ttfts, 0.5),
+        ttft_p99_ms: percentile_ms(&ttfts, 0.99),
+    })
+}
