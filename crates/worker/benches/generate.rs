@@ -102,6 +102,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = Runtime::get(&Default::default())?;
     let mut rows = Vec::new();
     let mut memory = Vec::new();
+    let mut drifts = Vec::new();
     for variant in &variants {
         let path = models.join(variant).join("1/model.onnx");
         let (mut session, _) = runtime.session(&path, &ProviderConfig::default(), 2)?;
@@ -143,6 +144,7 @@ fn main() -> anyhow::Result<()> {
             for streams in WIDTHS {
                 rows.push(worker_row(&channel, variant, streams, tokens, measure).await?);
             }
+            drifts.push((variant.clone(), drift(&channel, variant).await?));
             shutdown.cancel();
             task.await??;
             anyhow::Ok(())
@@ -335,6 +337,88 @@ fn decode_cycle(
         ids = next;
     }
     Ok((ttft, steps * width))
+}
+
+const DRIFT_PROMPTS: [&str; 8] = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "Write one sentence about the sea and the wind over the water at night.",
+    "2+2=?",
+    "Who wrote Hamlet?",
+    "List the days of the week, starting from Monday, separated by commas, please.",
+    "Hi!",
+    "Explain in a few words why the sky is blue during the day.",
+];
+
+fn greedy_chat(model: &str, question: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: Some(pb::ModelRef {
+            name: model.to_string(),
+            version: String::new(),
+        }),
+        input: Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: question.into(),
+                name: String::new(),
+            }],
+        })),
+        sampling: Some(pb::SamplingParams {
+            max_tokens,
+            ..Default::default()
+        }),
+        return_token_ids: true,
+        ..Default::default()
+    }
+}
+
+/// Decodes each prompt alone, then all eight with each joining once the previous one is
+/// decoding, and says how many came out token for token the same and where the others first
+/// differ.
+async fn drift(channel: &Channel, variant: &str) -> anyhow::Result<String> {
+    let mut client = GenerationServiceClient::new(channel.clone());
+    let mut alone = Vec::new();
+    for q in DRIFT_PROMPTS {
+        let response = client
+            .generate(greedy_chat(variant, q, 32))
+            .await?
+            .into_inner();
+        alone.push(response.completions[0].token_ids.clone());
+    }
+    let mut tasks = JoinSet::new();
+    for (i, q) in DRIFT_PROMPTS.iter().enumerate() {
+        let mut stream = client
+            .generate_stream(greedy_chat(variant, q, 32))
+            .await?
+            .into_inner();
+        let mut tokens = Vec::new();
+        while tokens.len() < 2 {
+            match stream.message().await? {
+                Some(m) => tokens.extend(m.token_ids),
+                None => break,
+            }
+        }
+        tasks.spawn(async move {
+            while let Some(m) = stream.message().await? {
+                tokens.extend(m.token_ids);
+            }
+            anyhow::Ok((i, tokens))
+        });
+    }
+    let mut same = 0;
+    let mut divergences = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (i, tokens) = done??;
+        match tokens.iter().zip(&alone[i]).position(|(a, b)| a != b) {
+            None if tokens.len() == alone[i].len() => same += 1,
+            None => divergences.push(tokens.len().min(alone[i].len())),
+            Some(at) => divergences.push(at),
+        }
+    }
+    divergences.sort_unstable();
+    Ok(format!(
+        "{same}/8 identical to decoding alone; the others first differ at token {divergences:?}"
+    ))
 }
 
 /// `streams` concurrent streams, each restarted when it ends, for `measure`.
