@@ -110,16 +110,16 @@ impl Scheduler {
             }
             self.drop_abandoned(Instant::now());
             let joiners = self.admit();
-            if self.dirty || !joiners.is_empty() {
-                if let Err(e) = self.rebuild(joiners) {
-                    self.fail_running(&format!("rebuild the KV cache: {e}"));
-                    continue;
-                }
+            if (self.dirty || !joiners.is_empty())
+                && let Err(e) = self.rebuild(joiners)
+            {
+                self.fail_running(&format!("rebuild the KV cache: {e}"));
+                continue;
             }
-            if !self.running.is_empty() {
-                if let Err(e) = self.step() {
-                    self.fail_running(&format!("decode step: {e}"));
-                }
+            if !self.running.is_empty()
+                && let Err(e) = self.step()
+            {
+                self.fail_running(&format!("decode step: {e}"));
             }
             self.publish();
         }
