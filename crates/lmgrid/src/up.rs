@@ -162,6 +162,7 @@ async fn up(
         http: lmgrid_gateway::HttpConfig {
             listen_addr: args.http,
             serve_admin: true,
+            ..Default::default()
         },
         require_services: lmgrid_gateway::PEER_SERVICES
             .iter()

@@ -87,10 +87,8 @@ async fn a_worker_without_models_answers_server_rpcs_and_serves_no_model() -> an
     assert_code(result, Code::NotFound, "no model repository");
 
     let mut generation = pb::generation_service_client::GenerationServiceClient::new(channel);
-    assert_unimplemented(
-        generation.generate(pb::GenerateRequest::default()).await,
-        "Generate",
-    );
+    let result = generation.generate(pb::GenerateRequest::default()).await;
+    assert_code(result, Code::InvalidArgument, "model name is empty");
     Ok(())
 }
 
@@ -134,11 +132,22 @@ async fn every_service_names_the_rpcs_it_does_not_implement_yet() -> anyhow::Res
     let mut embeddings = pb::embedding_service_client::EmbeddingServiceClient::new(gateway.clone());
     let result = embeddings.embed(pb::EmbedRequest::default()).await;
     assert_code(result, Code::InvalidArgument, "model name is empty");
-    let mut generation = pb::generation_service_client::GenerationServiceClient::new(gateway);
-    assert_unimplemented(
-        generation.generate(pb::GenerateRequest::default()).await,
-        "Generate",
-    );
+    let mut generation =
+        pb::generation_service_client::GenerationServiceClient::new(gateway.clone());
+    let result = generation.generate(pb::GenerateRequest::default()).await;
+    assert_code(result, Code::InvalidArgument, "model name is empty");
+    let result = generation
+        .generate(pb::GenerateRequest {
+            model: Some(pb::ModelRef {
+                name: "llm".to_string(),
+                version: String::new(),
+            }),
+            ..Default::default()
+        })
+        .await;
+    assert_code(result, Code::Unavailable, "no worker is ready");
+    let mut jobs = pb::job_service_client::JobServiceClient::new(gateway);
+    assert_unimplemented(jobs.get_job(pb::GetJobRequest::default()).await, "GetJob");
     Ok(())
 }
 

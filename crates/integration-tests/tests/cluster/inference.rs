@@ -246,7 +246,7 @@ async fn two_workers_share_a_model_and_one_leaves_without_failing_a_request() ->
 }
 
 /// The MiniLM that `cargo xtask models` converts, in a fresh repository of its own.
-fn minilm_repository() -> anyhow::Result<TempDir> {
+pub(crate) fn minilm_repository() -> anyhow::Result<TempDir> {
     let cache = std::env::var_os("LMGRID_CACHE_DIR")
         .filter(|d| !d.is_empty())
         .map(std::path::PathBuf::from)

@@ -8,12 +8,21 @@
 //! - `api`: the gRPC surface answers what it implements and says what it does not.
 //! - `inference`: the gateway forwards Open Inference Protocol model RPCs to a worker that
 //!   serves the model, and traffic survives a worker leaving.
+//! - `openai`: the OpenAI-compatible REST API: models, embeddings from the real MiniLM, and
+//!   errors in the OpenAI shape (400, 404 `model_not_found`, 405, 413, 503 + `Retry-After`).
+//! - `oip_rest`: the Open Inference Protocol's REST API: health, metadata, JSON tensors.
+//! - `generation`: chat and completions, unary and streamed, and gRPC generation, through the
+//!   gateway to a scripted generation worker; a client going away cancels the upstream.
 //!
 //! Every test starts its own etcd and keeps its keys under a unique prefix, so tests run in
 //! any order and in parallel.
 
 mod api;
 mod discovery;
+mod generation;
 mod health;
 mod inference;
+mod oip_rest;
+mod openai;
+mod scripted_worker;
 mod shutdown;

@@ -1,0 +1,160 @@
+//! The Open Inference Protocol's REST API on the gateway's public HTTP port: server and model
+//! health, metadata, and inference with JSON tensors forwarded to the worker serving the
+//! model, with errors as `{"error": "..."}`.
+
+use lmgrid_integration_tests::{http_get, http_post_json, http_request};
+use lmgrid_test_support::EtcdServer;
+use serde_json::{Value, json};
+
+use crate::openai::{add_mul_sandbox, json_of};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oip_rest_serves_health_metadata_and_inference() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let (_sandbox, _repo, http) = add_mul_sandbox(&etcd).await?;
+
+    let server = http_get(http, "/v2").await?;
+    assert_eq!(server.status, 200, "{}", server.body);
+    let server = json_of(&server)?;
+    assert_eq!(server["name"], "lmgrid");
+    assert_eq!(server["version"], lmgrid_core::VERSION);
+    assert_eq!(server["extensions"], json!([]));
+    assert_eq!(http_get(http, "/v2/health/live").await?.status, 200);
+    assert_eq!(http_get(http, "/v2/health/ready").await?.status, 200);
+
+    let expected_metadata = json!({
+        "name": "add_mul",
+        "versions": ["1"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {"name": "a", "datatype": "FP32", "shape": [-1, 4]},
+            {"name": "b", "datatype": "FP32", "shape": [-1, 4]},
+        ],
+        "outputs": [
+            {"name": "sum", "datatype": "FP32", "shape": [-1, 4]},
+            {"name": "product", "datatype": "FP32", "shape": [-1, 4]},
+        ],
+    });
+    for path in ["/v2/models/add_mul", "/v2/models/add_mul/versions/1"] {
+        let metadata = http_get(http, path).await?;
+        assert_eq!(metadata.status, 200, "{path}: {}", metadata.body);
+        let mut metadata = json_of(&metadata)?;
+        // The platform string is the worker's to choose; the rest is the model's signature.
+        assert!(metadata["platform"].is_string(), "{metadata}");
+        metadata["platform"] = expected_metadata["platform"].clone();
+        assert_eq!(metadata, expected_metadata, "{path}");
+    }
+    let ready = http_get(http, "/v2/models/add_mul/ready").await?;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(json_of(&ready)?, json!({"name": "add_mul", "ready": true}));
+    assert_eq!(
+        http_get(http, "/v2/models/add_mul/versions/1/ready")
+            .await?
+            .status,
+        200
+    );
+
+    // Nested and flat data, every output, then one requested output.
+    let request = json!({
+        "id": "req-7",
+        "inputs": [
+            {"name": "a", "shape": [2, 4], "datatype": "FP32", "data": [[1, 2, 3, 4], [5, 6, 7, 8]]},
+            {"name": "b", "shape": [2, 4], "datatype": "FP32", "data": [0.5, 0.5, 0.5, 0.5, 2, 2, 2, 2]},
+        ]
+    });
+    let response = http_post_json(http, "/v2/models/add_mul/infer", &request.to_string()).await?;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(
+        json_of(&response)?,
+        json!({
+            "model_name": "add_mul",
+            "model_version": "1",
+            "id": "req-7",
+            "outputs": [
+                {"name": "sum", "datatype": "FP32", "shape": [2, 4],
+                 "data": [1.5, 2.5, 3.5, 4.5, 7.0, 8.0, 9.0, 10.0]},
+                {"name": "product", "datatype": "FP32", "shape": [2, 4],
+                 "data": [0.5, 1.0, 1.5, 2.0, 10.0, 12.0, 14.0, 16.0]},
+            ]
+        })
+    );
+    let mut only_product = request.clone();
+    only_product["outputs"] = json!([{"name": "product"}]);
+    let response = http_post_json(
+        http,
+        "/v2/models/add_mul/versions/1/infer",
+        &only_product.to_string(),
+    )
+    .await?;
+    let body = json_of(&response)?;
+    let names: Vec<&str> = body["outputs"]
+        .as_array()
+        .map(|o| o.iter().filter_map(|t| t["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["product"], "{body}");
+    Ok(())
+}
+
+/// Asserts an Open Inference Protocol error: `status` and `{"error": message}` with `needle`
+/// in the message.
+fn assert_oip_error(
+    response: &lmgrid_integration_tests::HttpResponse,
+    status: u16,
+    needle: &str,
+) -> anyhow::Result<()> {
+    let context = format!("{} {}", response.status, response.body);
+    assert_eq!(response.status, status, "{context}");
+    let body = json_of(response)?;
+    let object = body.as_object().map(|o| o.len());
+    assert_eq!(object, Some(1), "{context}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "{context}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oip_rest_errors_are_messages_with_the_right_status() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let (_sandbox, _repo, http) = add_mul_sandbox(&etcd).await?;
+    let infer = |a: Value| {
+        json!({"inputs": [a, {"name": "b", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]})
+            .to_string()
+    };
+
+    let short = infer(json!({"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [1, 2]}));
+    let response = http_post_json(http, "/v2/models/add_mul/infer", &short).await?;
+    assert_oip_error(
+        &response,
+        400,
+        "input 'a': shape [1, 4] does not match the 2 elements",
+    )?;
+    // The worker's own refusal (a datatype the model does not take) comes back as a 400.
+    let ints =
+        infer(json!({"name": "a", "shape": [1, 4], "datatype": "INT32", "data": [1, 2, 3, 4]}));
+    let response = http_post_json(http, "/v2/models/add_mul/infer", &ints).await?;
+    assert_oip_error(&response, 400, "'a'")?;
+    let response = http_post_json(http, "/v2/models/add_mul/infer", "{\"inputs\": [").await?;
+    assert_oip_error(&response, 400, "not valid JSON")?;
+    let fine =
+        infer(json!({"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}));
+    let response = http_post_json(http, "/v2/models/nope/infer", &fine).await?;
+    assert_oip_error(&response, 404, "'nope'")?;
+    let response = http_get(http, "/v2/models/add_mul/versions/9").await?;
+    assert_oip_error(&response, 404, "version '9'")?;
+    let response = http_get(http, "/v2/models/add_mul/versions/9/ready").await?;
+    assert_oip_error(&response, 404, "version '9'")?;
+    let response = http_get(http, "/v2/models/add_mul/infer").await?;
+    assert_oip_error(&response, 405, "does not accept GET")?;
+    let response = http_get(http, "/v2/models/add_mul/explain").await?;
+    assert_oip_error(&response, 404, "no route")?;
+    let response = http_request(
+        http,
+        "POST",
+        "/v2/models/add_mul/infer",
+        &[("inference-header-content-length", "10")],
+        fine.as_bytes(),
+    )
+    .await?;
+    assert_oip_error(&response, 400, "binary tensor data extension")?;
+    Ok(())
+}
