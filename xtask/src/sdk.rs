@@ -2,14 +2,13 @@
 //! packages of [`REQUIREMENTS`] (the official `openai` client and its dependencies, every one
 //! pinned). A stamp file in the venv records the sha256 of the requirements; the venv is
 //! rebuilt when they change and left alone otherwise. It is separate from the models' venv
-//! (`crate::models`) so that neither set of pins constrains the other.
+//! (lmgrid-setup's `<cache>/venv`) so that neither set of pins constrains the other.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
-use crate::deps::ensure_cache_dir;
 use crate::run_step;
 
 /// The pinned requirements, relative to the project root.
@@ -26,7 +25,8 @@ const HASH_SCRIPT: &str = "import hashlib, pathlib, sys; print(hashlib.sha256(pa
 
 /// Makes `<cache>/venv-sdk` hold exactly [`REQUIREMENTS`] and returns its Python.
 pub(crate) fn venv() -> anyhow::Result<PathBuf> {
-    let cache = std::path::absolute(ensure_cache_dir()?).context("resolve the cache directory")?;
+    let cache = std::path::absolute(lmgrid_setup::ensure_cache_dir()?)
+        .context("resolve the cache directory")?;
     let dir = cache.join(VENV_DIR);
     let python = dir.join("bin").join("python");
     let wanted = sha256(Path::new(REQUIREMENTS))?;
@@ -121,7 +121,7 @@ mod tests {
     fn pip_installs_only_pinned_wheels() {
         let command = pip_install(Path::new("venv/bin/python"));
         assert_eq!(
-            crate::show(&command),
+            lmgrid_setup::show(&command),
             "python -m pip install --disable-pip-version-check --only-binary=:all: \
              --requirement xtask/python/requirements-sdk.txt"
         );

@@ -33,6 +33,7 @@ pub struct Node {
     grpc_addr: SocketAddr,
     admin_listener: Option<TcpListener>,
     http: Vec<(TcpListener, Router)>,
+    admin_routes: Option<Router>,
     readiness: Readiness,
     discovery: Arc<dyn Discovery>,
     health: HealthReporter,
@@ -94,6 +95,7 @@ impl Node {
             grpc_addr,
             admin_listener,
             http: Vec::new(),
+            admin_routes: None,
             readiness: Readiness::new(),
             discovery,
             health,
@@ -145,6 +147,15 @@ impl Node {
         self.http.push((listener, router));
     }
 
+    /// Serves `routes` on the admin HTTP server too, beside `/livez`,
+    /// `/readyz` and `/metrics` (the gateway's admin API).
+    pub fn serve_admin_routes(&mut self, routes: Router) {
+        self.admin_routes = Some(match self.admin_routes.take() {
+            Some(existing) => existing.merge(routes),
+            None => routes,
+        });
+    }
+
     /// Publishes each new record from `updates` (e.g. a worker's load) while
     /// registered. The registered record starts as the channel's current one.
     pub fn publish_updates(&mut self, updates: watch::Receiver<Instance>) {
@@ -168,6 +179,7 @@ impl Node {
             grpc_addr,
             admin_listener,
             http,
+            admin_routes,
             readiness,
             discovery,
             health,
@@ -231,11 +243,11 @@ impl Node {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "admin HTTP server listening");
             }
-            spawn_http(
-                listener,
-                admin_router(readiness.clone()),
-                stop_admin.clone(),
-            )
+            let mut router = admin_router(readiness.clone());
+            if let Some(routes) = admin_routes {
+                router = router.merge(routes);
+            }
+            spawn_http(listener, router, stop_admin.clone())
         });
         let http_tasks: Vec<_> = http
             .into_iter()
@@ -462,7 +474,10 @@ fn spawn_http(listener: TcpListener, router: Router, stop: CancellationToken) ->
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            if let Err(error) = axum::serve(listener, router)
+            // Handlers may read the peer's address (`ConnectInfo<SocketAddr>`),
+            // e.g. to tell loopback callers apart.
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(error) = axum::serve(listener, service)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
             {

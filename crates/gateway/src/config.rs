@@ -1,5 +1,5 @@
 //! The gateway's configuration: the node, the public HTTP server and its
-//! request limits, and the services it waits for.
+//! request limits, the services it waits for, and routing.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,7 +7,10 @@ use std::time::Duration;
 use lmgrid_core::config::{ConfigError, NodeConfig, Validate};
 use serde::Deserialize;
 
+pub use crate::admission::config::{AdmissionConfig, QueueConfig, RedisConfig};
+pub use crate::auth::config::{AuthConfig, TenantDefaults};
 use crate::peers::PEER_SERVICES;
+use crate::routing::config::RoutingConfig;
 
 /// Gateway configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -20,6 +23,12 @@ pub struct Config {
     /// worker is ready); `lmgrid up` lists every service so that its
     /// `/readyz` means "the whole platform is up".
     pub require_services: Vec<String>,
+    /// How workers are picked, attempts retried and failing workers ejected.
+    pub routing: RoutingConfig,
+    /// API keys, tenants and the admin API.
+    pub auth: AuthConfig,
+    /// Rate limits, concurrency and the per-model queue.
+    pub admission: AdmissionConfig,
 }
 
 /// The public HTTP server: the OpenAI-compatible and Open Inference Protocol
@@ -94,6 +103,15 @@ impl Validate for Config {
             return Err(ConfigError::new(
                 "http.default_timeout",
                 "must be between 100ms and 24h",
+            ));
+        }
+        self.routing.validate_at("routing")?;
+        self.auth.validate_at("auth")?;
+        self.admission.validate_at("admission")?;
+        if self.auth.store_path.is_some() && self.node.in_process_discovery.is_none() {
+            return Err(ConfigError::new(
+                "auth.store_path",
+                "only for lmgrid up; a cluster keeps tenants in etcd",
             ));
         }
         for service in &self.require_services {

@@ -6,11 +6,15 @@
 //! REST API (`/v2`), plus `/livez`, `/readyz`, `/metrics` when
 //! `http.serve_admin` is set (as in `lmgrid up`). On its public gRPC port it
 //! serves the Open Inference Protocol and `lmgrid.v1` generation and
-//! embeddings. Every model request goes to a worker serving the model,
-//! chosen from discovery by load, with the caller's deadline, request id and
-//! trace context; `grpc.health.v1` reports whether each other lmgrid service
-//! has a ready instance.
+//! embeddings. Every model request goes to a worker serving the model —
+//! chosen from discovery by load, by the model's aliases and traffic weights,
+//! and retried on another worker when an attempt fails safely — with the
+//! caller's deadline, request id and trace context; `grpc.health.v1` reports
+//! whether each other lmgrid service has a ready instance.
 
+mod admin;
+mod admission;
+mod auth;
 mod config;
 mod grpc;
 mod http;
@@ -19,6 +23,8 @@ mod oip_rest;
 mod openai;
 mod peers;
 mod routing;
+mod tenancy;
+mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,10 +40,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+pub use admin::admin_token_file;
+pub use auth::{Limits, Priority};
+pub use config::{AdmissionConfig, AuthConfig, QueueConfig, RedisConfig, TenantDefaults};
 pub use config::{
     Config, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_CAP, DEFAULT_TIMEOUT, HttpConfig,
 };
 pub use peers::PEER_SERVICES;
+pub use routing::config::{
+    AffinityConfig, EjectionConfig, RetryConfig, RoutingConfig, StaticModel, StaticWeight,
+};
 
 /// The service name in discovery, health and metrics.
 pub const SERVICE: &str = "gateway";
@@ -116,7 +128,13 @@ impl Gateway {
 
         let workers = Arc::new(routing::Workers::new(
             node.discovery().watch("worker").await?,
+            node.discovery().watch_models().await?,
+            &config.routing,
         ));
+        let tenancy = tenancy::build(&config, node.discovery()).await?;
+        if let Some(routes) = &tenancy.admin {
+            node.serve_admin_routes(routes.clone());
+        }
         let state = http::AppState {
             workers: workers.clone(),
             readiness: readiness.clone(),
@@ -125,15 +143,23 @@ impl Gateway {
                 max_tokens_cap: config.http.max_tokens_cap,
                 default_timeout: config.http.default_timeout,
             },
+            auth: tenancy.auth.clone(),
+            admission: tenancy.admission.clone(),
+            usage: tenancy.usage.clone(),
         };
-        let admin = config
+        let mut admin = config
             .http
             .serve_admin
             .then(|| admin_router(readiness.clone()));
+        if config.auth.admin_on_public_port
+            && let Some(routes) = &tenancy.admin
+        {
+            admin = Some(admin.unwrap_or_default().merge(routes.clone()));
+        }
         tracing::info!(%http_addr, serve_admin = config.http.serve_admin, "public HTTP server listening");
         node.serve_http(http_listener, http::router(state, admin));
 
-        let api = grpc::GatewayApi::new(readiness, workers);
+        let api = grpc::GatewayApi::new(readiness, workers).with_tenancy(&tenancy);
         let routes = Routes::new(GrpcInferenceServiceServer::new(api.clone()))
             .add_service(GenerationServiceServer::new(api.clone()))
             .add_service(EmbeddingServiceServer::new(api.clone()))

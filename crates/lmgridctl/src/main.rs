@@ -1,6 +1,9 @@
 //! `lmgridctl`: a command-line client for lmgrid over its generated gRPC
 //! stubs. It talks to the gateway's public gRPC port by default, or to any
-//! service's gRPC port with `--addr`.
+//! service's gRPC port with `--addr`; `tenants` and `usage` use the
+//! gateway's admin API over HTTP (`--admin-url`).
+
+mod admin;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -37,6 +40,8 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    admin: admin::AdminArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,6 +57,11 @@ enum Command {
     /// Worker control (point --addr at a worker).
     #[command(subcommand)]
     Worker(WorkerCommand),
+    /// Tenants and their API keys (the gateway's admin API).
+    #[command(subcommand)]
+    Tenants(admin::TenantsCommand),
+    /// Requests, tokens, errors and refusals per tenant (the gateway's admin API).
+    Usage(admin::UsageArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,12 +103,17 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let channel = connect(&cli.addr, cli.timeout).await?;
+    // gRPC commands connect first; admin commands speak HTTP.
+    let channel = || connect(&cli.addr, cli.timeout);
     match cli.command {
-        Command::Health { services } => health(channel, services, cli.json).await,
-        Command::Server => server(channel, cli.json).await,
+        Command::Tenants(command) => {
+            admin::tenants(&cli.admin, command, cli.timeout, cli.json).await
+        }
+        Command::Usage(usage) => admin::usage(&cli.admin, usage, cli.timeout, cli.json).await,
+        Command::Health { services } => health(channel().await?, services, cli.json).await,
+        Command::Server => server(channel().await?, cli.json).await,
         Command::Worker(WorkerCommand::Models) => {
-            let models = WorkerControlServiceClient::new(channel)
+            let models = WorkerControlServiceClient::new(channel().await?)
                 .list_models(ListWorkerModelsRequest {})
                 .await
                 .context("list models")?
@@ -112,7 +127,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 name: name.clone(),
                 version: version.unwrap_or_default(),
             };
-            let models = WorkerControlServiceClient::new(channel)
+            let models = WorkerControlServiceClient::new(channel().await?)
                 .load_model(request)
                 .await
                 .with_context(|| format!("load {name}"))?
@@ -131,7 +146,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 name: name.clone(),
                 version: version.unwrap_or_default(),
             };
-            WorkerControlServiceClient::new(channel)
+            WorkerControlServiceClient::new(channel().await?)
                 .unload_model(request)
                 .await
                 .with_context(|| format!("unload {name}"))?;
@@ -139,7 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker(WorkerCommand::Stats) => {
-            let stats = WorkerControlServiceClient::new(channel)
+            let stats = WorkerControlServiceClient::new(channel().await?)
                 .get_stats(GetStatsRequest {})
                 .await
                 .context("get stats")?

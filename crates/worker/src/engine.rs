@@ -24,7 +24,7 @@ pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     #[error(
-        "ONNX Runtime {ORT_VERSION} library not found (looked in: {tried}); run `cargo xtask deps` to install it into the cache, or point ORT_DYLIB_PATH or onnxruntime.library_path at {ORT_LIBRARY}"
+        "ONNX Runtime {ORT_VERSION} library not found (looked in: {tried}); run `cargo xtask deps` (or `lmgrid up`, on its first start) to install it into the cache, or point ORT_DYLIB_PATH or onnxruntime.library_path at {ORT_LIBRARY}"
     )]
     LibraryMissing { tried: String },
     #[error("load ONNX Runtime from {path}: {message}")]
@@ -44,7 +44,7 @@ pub enum EngineError {
 #[serde(default, deny_unknown_fields)]
 pub struct OnnxRuntimeConfig {
     /// Path to `libonnxruntime.so.1.31.1`. Otherwise `ORT_DYLIB_PATH`, then
-    /// the cache that `cargo xtask deps` fills.
+    /// the cache that `cargo xtask deps` and `lmgrid up` fill.
     pub library_path: Option<PathBuf>,
 }
 
@@ -202,7 +202,8 @@ fn find_library(config: &OnnxRuntimeConfig) -> Result<PathBuf, EngineError> {
     })
 }
 
-/// `LMGRID_CACHE_DIR`, else `$HOME/.cache/lmgrid` — where `cargo xtask deps` installs.
+/// `LMGRID_CACHE_DIR`, else `$HOME/.cache/lmgrid` — where `cargo xtask deps` and `lmgrid up`
+/// install (`lmgrid_setup::cache_dir` resolves it the same way).
 fn cache_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("LMGRID_CACHE_DIR").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir));

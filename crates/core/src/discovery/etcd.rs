@@ -4,6 +4,7 @@
 //! deleted by etcd when the lease runs out; a graceful one revokes its lease.
 //! Watchers list the service prefix, then watch it from the next revision,
 //! and list again after any interruption so no deletion is ever missed.
+//! Model records (`<prefix>/models/<model>`) are watched the same way.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -16,7 +17,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Discovery, Instance, Members, Membership, Registration, Result, instance_key, service_prefix,
+    Discovery, Instance, Membership, ModelTable, Registration, Result, instance_key, models,
+    models_prefix, service_prefix,
 };
 use crate::config::EtcdConfig;
 use crate::etcd::EtcdClient;
@@ -83,18 +85,25 @@ impl Discovery for EtcdDiscovery {
     }
 
     async fn watch(&self, service: &str) -> Result<Membership> {
-        let prefix = service_prefix(&self.prefix, service);
-        let (members, revision) = list(&self.client, &prefix).await?;
-        metrics::discovery_members(service, members.len());
-        let (tx, rx) = watch::channel(Arc::new(members));
-        tokio::spawn(watch_loop(
-            self.client.clone(),
-            service.to_string(),
-            prefix,
-            revision,
-            tx,
-        ));
+        let reader = Reader {
+            what: service.to_string(),
+            prefix: service_prefix(&self.prefix, service),
+            decode: decode_instance,
+            observe: metrics::discovery_members,
+        };
+        let rx = watch_table(&self.client, reader).await?;
         Ok(Membership::new(service, rx))
+    }
+
+    async fn watch_models(&self) -> Result<ModelTable> {
+        let reader = Reader {
+            what: "models".to_string(),
+            prefix: models_prefix(&self.prefix),
+            decode: models::decode,
+            observe: |_, _| {},
+        };
+        let rx = watch_table(&self.client, reader).await?;
+        Ok(ModelTable::new(rx))
     }
 }
 
@@ -210,41 +219,93 @@ impl Drop for EtcdRegistration {
     }
 }
 
-async fn list(client: &EtcdClient, prefix: &str) -> Result<(BTreeMap<String, Instance>, i64)> {
-    let (kvs, revision) = client.get_prefix(prefix).await?;
-    let members = kvs
-        .iter()
-        .filter_map(|kv| decode(prefix, &kv.key, &kv.value))
-        .collect();
-    Ok((members, revision))
+/// How the records under one watched prefix become a table: the table's
+/// name (a service, or `models`) for logs and metrics, and how a record is
+/// read from the key after the prefix and its value.
+struct Reader<T> {
+    what: String,
+    prefix: String,
+    decode: fn(&str, &[u8]) -> Decoded<T>,
+    /// Called with the table's size after every change.
+    observe: fn(&str, usize),
 }
 
-fn decode(prefix: &str, key: &[u8], value: &[u8]) -> Option<(String, Instance)> {
-    let key = std::str::from_utf8(key).ok()?;
-    let id = key.strip_prefix(prefix)?.to_string();
-    match serde_json::from_slice::<Instance>(value) {
-        Ok(instance) => Some((id, instance)),
-        Err(error) => {
-            tracing::warn!(key, %error, "ignoring malformed instance record");
-            None
+type Table<T> = Arc<BTreeMap<String, T>>;
+
+/// A record read from its key (after the prefix) and value: `None` for keys
+/// that are not records of the table; an `Err` for a record that cannot be
+/// used, left out of the table with a warning.
+type Decoded<T> = Option<(String, std::result::Result<T, String>)>;
+
+impl<T> Reader<T> {
+    /// The table key and usable record at `key`, `Some((key, None))` for an
+    /// unusable record, and `None` for keys outside the table.
+    fn read(&self, key: &[u8], value: &[u8]) -> Option<(String, Option<T>)> {
+        let key = std::str::from_utf8(key).ok()?;
+        let rest = key.strip_prefix(&self.prefix)?;
+        let (id, record) = (self.decode)(rest, value)?;
+        match record {
+            Ok(record) => Some((id, Some(record))),
+            Err(error) => {
+                tracing::warn!(key, %error, table = self.what, "ignoring malformed record");
+                Some((id, None))
+            }
         }
+    }
+
+    /// The table key of a deleted `key`, if it was a record of this table.
+    fn deleted(&self, key: &[u8]) -> Option<String> {
+        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
+        (self.decode)(rest, b"").map(|(id, _)| id)
     }
 }
 
-async fn watch_loop(
+fn decode_instance(
+    rest: &str,
+    value: &[u8],
+) -> Option<(String, std::result::Result<Instance, String>)> {
+    let record = serde_json::from_slice::<Instance>(value).map_err(|e| e.to_string());
+    Some((rest.to_string(), record))
+}
+
+/// Starts watching `reader`'s prefix: lists it, then follows it from the
+/// next revision in a background task that lives while a receiver does.
+async fn watch_table<T: Clone + Send + Sync + 'static>(
+    client: &EtcdClient,
+    reader: Reader<T>,
+) -> Result<watch::Receiver<Table<T>>> {
+    let (records, revision) = list(client, &reader).await?;
+    (reader.observe)(&reader.what, records.len());
+    let (tx, rx) = watch::channel(Arc::new(records));
+    tokio::spawn(watch_loop(client.clone(), reader, revision, tx));
+    Ok(rx)
+}
+
+async fn list<T>(client: &EtcdClient, reader: &Reader<T>) -> Result<(BTreeMap<String, T>, i64)> {
+    let (kvs, revision) = client.get_prefix(&reader.prefix).await?;
+    let records = kvs
+        .iter()
+        .filter_map(|kv| match reader.read(&kv.key, &kv.value)? {
+            (id, Some(record)) => Some((id, record)),
+            (_, None) => None,
+        })
+        .collect();
+    Ok((records, revision))
+}
+
+async fn watch_loop<T: Clone>(
     client: EtcdClient,
-    service: String,
-    prefix: String,
+    reader: Reader<T>,
     mut revision: i64,
-    tx: watch::Sender<Members>,
+    tx: watch::Sender<Table<T>>,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let Some(reason) = watch_from(&client, &service, &prefix, &mut revision, &tx).await else {
+        let Some(reason) = watch_from(&client, &reader, &mut revision, &tx).await else {
             return;
         };
         tracing::warn!(
-            service,
+            table = reader.what,
             reason,
             "discovery watch interrupted; listing again"
         );
@@ -254,15 +315,15 @@ async fn watch_loop(
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
-            match list(&client, &prefix).await {
-                Ok((members, rev)) => {
+            match list(&client, &reader).await {
+                Ok((records, rev)) => {
                     revision = rev;
-                    metrics::discovery_members(&service, members.len());
-                    tx.send_replace(Arc::new(members));
+                    (reader.observe)(&reader.what, records.len());
+                    tx.send_replace(Arc::new(records));
                     backoff = Duration::from_millis(100);
                     break;
                 }
-                Err(error) => tracing::warn!(service, %error, "list instances"),
+                Err(error) => tracing::warn!(table = reader.what, %error, "list records"),
             }
         }
     }
@@ -270,14 +331,13 @@ async fn watch_loop(
 
 /// Applies watch events to the table until every receiver is gone (`None`)
 /// or the watch is interrupted (`Some(reason)`).
-async fn watch_from(
+async fn watch_from<T: Clone>(
     client: &EtcdClient,
-    service: &str,
-    prefix: &str,
+    reader: &Reader<T>,
     revision: &mut i64,
-    tx: &watch::Sender<Members>,
+    tx: &watch::Sender<Table<T>>,
 ) -> Option<String> {
-    let mut stream = match client.watch_prefix(prefix, *revision + 1).await {
+    let mut stream = match client.watch_prefix(&reader.prefix, *revision + 1).await {
         Ok(stream) => stream,
         Err(error) => return Some(error.to_string()),
     };
@@ -300,23 +360,30 @@ async fn watch_from(
         if response.events.is_empty() {
             continue;
         }
-        tx.send_modify(|members| {
-            let members = Arc::make_mut(members);
+        tx.send_modify(|records| {
+            let records = Arc::make_mut(records);
             for event in &response.events {
                 let Some(kv) = &event.kv else { continue };
                 *revision = (*revision).max(kv.mod_revision);
                 if event.r#type == EventType::Delete as i32 {
-                    if let Some(id) = std::str::from_utf8(&kv.key)
-                        .ok()
-                        .and_then(|k| k.strip_prefix(prefix))
-                    {
-                        members.remove(id);
+                    if let Some(id) = reader.deleted(&kv.key) {
+                        records.remove(&id);
                     }
-                } else if let Some((id, instance)) = decode(prefix, &kv.key, &kv.value) {
-                    members.insert(id, instance);
+                } else {
+                    // An unusable record replaces what was there: the table
+                    // holds what a fresh listing would.
+                    match reader.read(&kv.key, &kv.value) {
+                        Some((id, Some(record))) => {
+                            records.insert(id, record);
+                        }
+                        Some((id, None)) => {
+                            records.remove(&id);
+                        }
+                        None => {}
+                    }
                 }
             }
-            metrics::discovery_members(service, members.len());
+            (reader.observe)(&reader.what, records.len());
         });
     }
 }

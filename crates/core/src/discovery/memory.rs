@@ -1,22 +1,53 @@
 //! In-process discovery for `lmgrid up`: every service runs in one process,
-//! so membership is a shared table with change notification.
+//! so membership is a shared table with change notification, and so are the
+//! model records.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use super::{Discovery, Instance, Members, Membership, Registration, Result};
+use super::{
+    Discovery, Instance, Members, Membership, ModelRecord, ModelRecords, ModelTable, Registration,
+    Result,
+};
 
-/// Discovery within one process. Cloning shares the table.
-#[derive(Debug, Clone, Default)]
+/// Discovery within one process. Cloning shares the tables.
+#[derive(Debug, Clone)]
 pub struct MemoryDiscovery {
     services: Arc<Mutex<HashMap<String, watch::Sender<Members>>>>,
+    models: watch::Sender<ModelRecords>,
+}
+
+impl Default for MemoryDiscovery {
+    fn default() -> Self {
+        MemoryDiscovery {
+            services: Arc::default(),
+            models: watch::Sender::new(ModelRecords::default()),
+        }
+    }
 }
 
 impl MemoryDiscovery {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Stores the record of `model` (what the registry does in a cluster).
+    /// An invalid record is refused with the reason.
+    pub fn set_model(&self, model: &str, record: ModelRecord) -> Result<(), String> {
+        record.validate()?;
+        self.models.send_modify(|records| {
+            Arc::make_mut(records).insert(model.to_string(), record);
+        });
+        Ok(())
+    }
+
+    /// Removes the record of `model`.
+    pub fn remove_model(&self, model: &str) {
+        self.models.send_if_modified(|records| {
+            records.contains_key(model) && Arc::make_mut(records).remove(model).is_some()
+        });
     }
 
     fn sender(&self, service: &str) -> watch::Sender<Members> {
@@ -42,6 +73,10 @@ impl Discovery for MemoryDiscovery {
 
     async fn watch(&self, service: &str) -> Result<Membership> {
         Ok(Membership::new(service, self.sender(service).subscribe()))
+    }
+
+    async fn watch_models(&self) -> Result<ModelTable> {
+        Ok(ModelTable::new(self.models.subscribe()))
     }
 }
 
@@ -139,6 +174,25 @@ mod tests {
         a.deregister().await.unwrap();
         drop(b);
         membership.wait_for(|m| m.is_empty()).await.unwrap();
+        // Model records are one more shared table.
+        let mut models = discovery.watch_models().await.unwrap();
+        let record = ModelRecord {
+            aliases: [("stable".to_string(), "1".to_string())].into(),
+            traffic: Vec::new(),
+        };
+        discovery.set_model("m", record.clone()).unwrap();
+        let records = models.wait_for(|r| r.contains_key("m")).await.unwrap();
+        assert_eq!(records["m"], record);
+        let zero = ModelRecord {
+            traffic: vec![crate::discovery::TrafficWeight {
+                version: "1".into(),
+                weight: 0,
+            }],
+            ..ModelRecord::default()
+        };
+        assert!(discovery.set_model("m", zero).is_err());
+        discovery.remove_model("m");
+        models.wait_for(|r| r.is_empty()).await.unwrap();
         // Other services are separate tables.
         assert!(
             discovery

@@ -1,5 +1,7 @@
 //! Service discovery: instances register themselves with their address and
-//! load, and clients watch a service's members into a local table.
+//! load, and clients watch a service's members into a local table. The same
+//! store carries the model records gateways route by (aliases and traffic
+//! weights, see [`ModelRecord`]).
 //!
 //! One trait, [`Discovery`], with two implementations: [`EtcdDiscovery`] for
 //! clusters (leases with keep-alive, prefix watches) and [`MemoryDiscovery`]
@@ -8,6 +10,7 @@
 
 mod etcd;
 mod memory;
+mod models;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -18,6 +21,9 @@ use tokio::sync::watch;
 
 pub use etcd::EtcdDiscovery;
 pub use memory::MemoryDiscovery;
+pub use models::{
+    MAX_WEIGHT, ModelRecord, ModelRecords, ModelTable, TrafficWeight, model_key, models_prefix,
+};
 
 /// Result alias for discovery operations.
 pub type Result<T, E = DiscoveryError> = std::result::Result<T, E>;
@@ -102,6 +108,11 @@ pub trait Discovery: Send + Sync + fmt::Debug {
     /// Watches the members of `service`. The returned table is complete when
     /// this returns and stays up to date while it is held.
     async fn watch(&self, service: &str) -> Result<Membership>;
+
+    /// Watches the model records (aliases, traffic weights). Complete when
+    /// this returns and kept up to date while held; a record that does not
+    /// validate is left out, with a warning.
+    async fn watch_models(&self) -> Result<ModelTable>;
 }
 
 /// A live registration.

@@ -1,10 +1,10 @@
-//! What every forwarded RPC does besides forwarding: take the caller's deadline, request id
-//! and trace context onto the upstream request, count and log the call when it ends, and
-//! relay streams with their text timed and their usage metered.
+//! What every forwarded RPC does besides routing: take the caller's deadline, request id
+//! and trace context onto the upstream request (with the version routing chose), count and
+//! log the call when it ends, and relay streams with their text timed and their usage
+//! metered.
 
 use std::time::Instant;
 
-use futures::StreamExt as _;
 use lmgrid_core::deadline;
 use lmgrid_core::error::ErrorKind;
 use lmgrid_proto::lmgrid::v1 as pb;
@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::http::call::{REQUEST_ID, new_request_id};
 use crate::metrics::{self, TokenClock};
+use crate::routing::{Outbound, Plan, Upstream, Versioned, Workers};
 
 /// Trace-context metadata passed on as it came, so that a trace continues
 /// even when this gateway exports no spans itself.
@@ -70,6 +71,45 @@ impl Incoming {
             request.metadata_mut().insert(*key, value.clone());
         }
         Ok(request)
+    }
+
+    /// Sends `message` to `method` of a worker of `plan`, with the version
+    /// routing chose, and returns the answer.
+    pub(super) async fn unary<M, R>(
+        &self,
+        workers: &Workers,
+        plan: &Plan,
+        method: &'static str,
+        mut message: M,
+    ) -> Result<Response<R>, Status>
+    where
+        M: Versioned,
+        R: prost::Message + Default + Send + Sync + 'static,
+    {
+        if let Some(version) = &plan.version {
+            message.set_version(version.clone());
+        }
+        let out = Outbound::new(method, self.forward(message)?, self.deadline);
+        workers.unary(plan, out).await
+    }
+
+    /// Starts a generation stream at a worker of `plan`, with the version
+    /// routing chose, once its first message arrived.
+    pub(super) async fn generate_stream(
+        &self,
+        workers: &Workers,
+        plan: &Plan,
+        mut message: pb::GenerateRequest,
+    ) -> Result<Upstream<pb::GenerateStreamResponse>, Status> {
+        if let Some(version) = &plan.version {
+            message.set_version(version.clone());
+        }
+        let out = Outbound::new(
+            super::routes::GENERATE_STREAM,
+            self.forward(message)?,
+            self.deadline,
+        );
+        workers.server_streaming(plan, out).await
     }
 
     /// The answer, or the failure, with its `x-request-id`.
@@ -185,21 +225,20 @@ impl Relay {
 
     pub(super) async fn next(
         &mut self,
-        upstream: &mut tonic::Streaming<pb::GenerateStreamResponse>,
+        upstream: &mut Upstream<pb::GenerateStreamResponse>,
     ) -> Option<Result<pb::GenerateStreamResponse, Status>> {
         let observation = self.observation.as_ref()?;
         let next = match self.deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline.into(), upstream.next())
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), upstream.message())
                 .await
                 .unwrap_or_else(|_| {
-                    Some(Err(ErrorKind::DeadlineExceeded.status(
-                        "the deadline passed before the generation finished",
-                    )))
+                    Err(ErrorKind::DeadlineExceeded
+                        .status("the deadline passed before the generation finished"))
                 }),
-            None => upstream.next().await,
+            None => upstream.message().await,
         };
         match next {
-            Some(Ok(mut message)) => {
+            Ok(Some(mut message)) => {
                 if !message.text_delta.is_empty() {
                     self.clock.tick();
                 }
@@ -215,13 +254,13 @@ impl Relay {
                 }
                 Some(Ok(message))
             }
-            Some(Err(status)) => {
+            Err(status) => {
                 if let Some(observation) = self.observation.take() {
                     observation.finish::<()>(&Err(status.clone()));
                 }
                 Some(Err(status))
             }
-            None => {
+            Ok(None) => {
                 if let Some(observation) = self.observation.take() {
                     observation.finish::<()>(&Ok(()));
                 }

@@ -1,13 +1,15 @@
 //! The gateway's public gRPC APIs: the Open Inference Protocol, embeddings
-//! and generation, each model RPC forwarded to a worker serving the model
-//! with the caller's deadline, request id and trace context. Batch jobs
-//! arrive with the dispatcher issue.
+//! and generation, each model RPC forwarded to a worker that routing chose
+//! (retried on another when an attempt fails safely) with the caller's
+//! deadline, request id and trace context. Batch jobs arrive with the
+//! dispatcher issue.
 //!
 //! A forwarded stream is the upstream stream: when the client goes away,
 //! tonic drops it, the upstream call is dropped with it, and the worker
 //! cancels the sequence.
 
 mod forward;
+mod gate;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use self::forward::{Incoming, Observation, Relay};
 use crate::metrics;
-use crate::routing::Workers;
+use crate::routing::{EMBEDDING, GENERATION, Target, Workers};
 
 const JOBS_ISSUE: &str = "the dispatcher issue (durable batch jobs in Redis)";
 
@@ -30,11 +32,52 @@ const JOBS_ISSUE: &str = "the dispatcher issue (durable batch jobs in Redis)";
 pub(crate) struct GatewayApi {
     readiness: Readiness,
     workers: Arc<Workers>,
+    /// Authentication and admission; model RPCs are refused without it.
+    gate: Option<gate::Gate>,
 }
 
 impl GatewayApi {
     pub(crate) fn new(readiness: Readiness, workers: Arc<Workers>) -> Self {
-        GatewayApi { readiness, workers }
+        GatewayApi {
+            readiness,
+            workers,
+            gate: None,
+        }
+    }
+
+    /// Authenticates and admits model RPCs with `tenancy`.
+    pub(crate) fn with_tenancy(mut self, tenancy: &crate::tenancy::Tenancy) -> Self {
+        self.gate = Some(gate::Gate::new(tenancy));
+        self
+    }
+
+    /// The gate model RPCs pass.
+    fn gate(&self) -> Result<&gate::Gate, Status> {
+        self.gate
+            .as_ref()
+            .ok_or_else(|| Status::internal("the gateway has no authentication configured"))
+    }
+
+    /// Admits a call of `caller` for `model`, whose observation has the
+    /// model's label.
+    async fn admit(
+        &self,
+        caller: &crate::auth::Identity,
+        model: &str,
+        observation: &Observation,
+        tokens: u64,
+        incoming: &Incoming,
+    ) -> Result<gate::Admitted, Status> {
+        self.gate()?
+            .admit(
+                caller,
+                model,
+                observation.model(),
+                tokens,
+                &incoming.request_id,
+                incoming.deadline,
+            )
+            .await
     }
 
     /// Starts observing a forwarded call of `route` for `model`.
@@ -64,11 +107,18 @@ impl oip_pb::grpc_inference_service_server::GrpcInferenceService for GatewayApi 
         request: Request<oip_pb::ModelReadyRequest>,
     ) -> Result<Response<oip_pb::ModelReadyResponse>, Status> {
         let incoming = Incoming::of(&request);
+        let caller = self.gate().and_then(|gate| gate.authenticate(&request));
         let request = request.into_inner();
         let observation = self.observe(routes::MODEL_READY, &request.name, &incoming);
         let result = async {
-            let mut client = self.workers.client_for(&request.name, &request.version)?;
-            client.model_ready(incoming.forward(request)?).await
+            self.gate()?
+                .allow(&caller?, &request.name, observation.model())?;
+            let plan = self
+                .workers
+                .plan(Target::about(&request.name, &request.version))?;
+            incoming
+                .unary(&self.workers, &plan, routes::MODEL_READY, request)
+                .await
         }
         .await;
         observation.finish(&result);
@@ -87,11 +137,18 @@ impl oip_pb::grpc_inference_service_server::GrpcInferenceService for GatewayApi 
         request: Request<oip_pb::ModelMetadataRequest>,
     ) -> Result<Response<oip_pb::ModelMetadataResponse>, Status> {
         let incoming = Incoming::of(&request);
+        let caller = self.gate().and_then(|gate| gate.authenticate(&request));
         let request = request.into_inner();
         let observation = self.observe(routes::MODEL_METADATA, &request.name, &incoming);
         let result = async {
-            let mut client = self.workers.client_for(&request.name, &request.version)?;
-            client.model_metadata(incoming.forward(request)?).await
+            self.gate()?
+                .allow(&caller?, &request.name, observation.model())?;
+            let plan = self
+                .workers
+                .plan(Target::about(&request.name, &request.version))?;
+            incoming
+                .unary(&self.workers, &plan, routes::MODEL_METADATA, request)
+                .await
         }
         .await;
         observation.finish(&result);
@@ -103,13 +160,22 @@ impl oip_pb::grpc_inference_service_server::GrpcInferenceService for GatewayApi 
         request: Request<oip_pb::ModelInferRequest>,
     ) -> Result<Response<oip_pb::ModelInferResponse>, Status> {
         let incoming = Incoming::of(&request);
+        let caller = self.gate().and_then(|gate| gate.authenticate(&request));
         let request = request.into_inner();
         let observation = self.observe(routes::MODEL_INFER, &request.model_name, &incoming);
         let result = async {
-            let mut client = self
-                .workers
-                .client_for(&request.model_name, &request.model_version)?;
-            client.model_infer(incoming.forward(request)?).await
+            // Tensors have no tokens: requests per minute and concurrency.
+            let admitted = self
+                .admit(&caller?, &request.model_name, &observation, 0, &incoming)
+                .await?;
+            let target = Target::work(&request.model_name, &request.model_version, None);
+            let plan = self.workers.plan(target)?;
+            admitted.started();
+            let response = incoming
+                .unary(&self.workers, &plan, routes::MODEL_INFER, request)
+                .await;
+            admitted.finish(response.is_err());
+            response
         }
         .await;
         observation.finish(&result);
@@ -129,15 +195,29 @@ impl pb::generation_service_server::GenerationService for GatewayApi {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let incoming = Incoming::of(&request);
+        let caller = self.gate().and_then(|gate| gate.authenticate(&request));
         let mut request = request.into_inner();
         incoming.stamp(&mut request.context);
         let model = request.model.clone().unwrap_or_default();
         let observation = self.observe(routes::GENERATE, &model.name, &incoming);
         let result = async {
-            let mut client = self
-                .workers
-                .generation_client_for(&model.name, &model.version)?;
-            client.generate(incoming.forward(request)?).await
+            let caller = caller?;
+            gate::stamp(&caller, &mut request.context);
+            let tokens = gate::generation_tokens(&request);
+            let admitted = self
+                .admit(&caller, &model.name, &observation, tokens, &incoming)
+                .await?;
+            let target = Target::work(&model.name, &model.version, Some(GENERATION));
+            let plan = self.workers.plan(target.prompt(request.input.as_ref()))?;
+            admitted.started();
+            let response = incoming
+                .unary::<_, pb::GenerateResponse>(&self.workers, &plan, routes::GENERATE, request)
+                .await;
+            if let Ok(response) = &response {
+                admitted.record_usage(response.get_ref().usage.as_ref());
+            }
+            admitted.finish(response.is_err());
+            response
         }
         .await;
         if let Ok(response) = &result
@@ -158,6 +238,7 @@ impl pb::generation_service_server::GenerationService for GatewayApi {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let incoming = Incoming::of(&request);
+        let caller = self.gate().and_then(|gate| gate.authenticate(&request));
         let mut request = request.into_inner();
         incoming.stamp(&mut request.context);
         let model = request.model.clone().unwrap_or_default();
@@ -167,37 +248,71 @@ impl pb::generation_service_server::GenerationService for GatewayApi {
         let pass_usage = request.include_usage;
         request.include_usage = true;
         let result = async {
-            let mut client = self
-                .workers
-                .generation_client_for(&model.name, &model.version)?;
-            client.generate_stream(incoming.forward(request)?).await
+            let caller = caller?;
+            gate::stamp(&caller, &mut request.context);
+            let tokens = gate::generation_tokens(&request);
+            let admitted = self
+                .admit(&caller, &model.name, &observation, tokens, &incoming)
+                .await?;
+            let target = Target::work(&model.name, &model.version, Some(GENERATION));
+            let plan = self.workers.plan(target.prompt(request.input.as_ref()))?;
+            admitted.started();
+            let upstream = incoming
+                .generate_stream(&self.workers, &plan, request)
+                .await?;
+            Ok::<_, Status>((upstream, admitted))
         }
         .await;
-        let upstream = match result {
-            Ok(response) => response.into_inner(),
+        let (upstream, admitted) = match result {
+            Ok(started) => started,
             Err(status) => {
                 observation.finish::<()>(&Err(status.clone()));
                 return incoming.answer(Err(status));
             }
         };
-        let relay = Relay::new(observation, pass_usage, incoming.deadline);
-        let stream =
-            futures::stream::unfold((upstream, relay), |(mut upstream, mut relay)| async move {
-                let next = relay.next(&mut upstream).await?;
-                Some((next, (upstream, relay)))
-            });
+        // The relay passes usage on; this stream meters it, then drops it
+        // unless the caller asked for it.
+        let relay = Relay::new(observation, true, incoming.deadline);
+        let state = (upstream, relay, Some(admitted));
+        let stream = futures::stream::unfold(
+            state,
+            move |(mut upstream, mut relay, mut admitted)| async move {
+                let Some(next) = relay.next(&mut upstream).await else {
+                    if let Some(admitted) = admitted.take() {
+                        admitted.finish(false);
+                    }
+                    return None;
+                };
+                let next = match next {
+                    Ok(mut message) => {
+                        if let Some(admitted) = &admitted {
+                            admitted.record_usage(message.usage.as_ref());
+                        }
+                        if !pass_usage {
+                            message.usage = None;
+                        }
+                        Ok(message)
+                    }
+                    Err(status) => {
+                        if let Some(admitted) = admitted.take() {
+                            admitted.finish(true);
+                        }
+                        Err(status)
+                    }
+                };
+                Some((next, (upstream, relay, admitted)))
+            },
+        );
         incoming.answer(Ok(Response::new(Box::pin(stream) as GenerateStream)))
     }
 }
 
-/// Route labels of the forwarded RPCs.
+/// The forwarded RPCs: the worker's method of the same name, and the route
+/// label of metrics and logs.
 mod routes {
-    pub(super) const MODEL_READY: &str = "/inference.GRPCInferenceService/ModelReady";
-    pub(super) const MODEL_METADATA: &str = "/inference.GRPCInferenceService/ModelMetadata";
-    pub(super) const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
-    pub(super) const EMBED: &str = "/lmgrid.v1.EmbeddingService/Embed";
-    pub(super) const GENERATE: &str = "/lmgrid.v1.GenerationService/Generate";
-    pub(super) const GENERATE_STREAM: &str = "/lmgrid.v1.GenerationService/GenerateStream";
+    pub(super) use crate::http::forward::methods::{
+        EMBED, GENERATE, GENERATE_STREAM, MODEL_INFER, MODEL_METADATA, MODEL_READY,
+    };
 }
 
 #[tonic::async_trait]
@@ -207,15 +322,29 @@ impl pb::embedding_service_server::EmbeddingService for GatewayApi {
         request: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
         let incoming = Incoming::of(&request);
+        let caller = self.gate().and_then(|gate| gate.authenticate(&request));
         let mut request = request.into_inner();
         incoming.stamp(&mut request.context);
         let model = request.model.clone().unwrap_or_default();
         let observation = self.observe(routes::EMBED, &model.name, &incoming);
         let result = async {
-            let mut client = self
-                .workers
-                .embedding_client_for(&model.name, &model.version)?;
-            client.embed(incoming.forward(request)?).await
+            let caller = caller?;
+            gate::stamp(&caller, &mut request.context);
+            let tokens = gate::embedding_tokens(&request);
+            let admitted = self
+                .admit(&caller, &model.name, &observation, tokens, &incoming)
+                .await?;
+            let target = Target::work(&model.name, &model.version, Some(EMBEDDING));
+            let plan = self.workers.plan(target)?;
+            admitted.started();
+            let response = incoming
+                .unary::<_, pb::EmbedResponse>(&self.workers, &plan, routes::EMBED, request)
+                .await;
+            if let Ok(response) = &response {
+                admitted.record_usage(response.get_ref().usage.as_ref());
+            }
+            admitted.finish(response.is_err());
+            response
         }
         .await;
         if let Ok(response) = &result

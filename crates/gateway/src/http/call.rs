@@ -1,16 +1,20 @@
 //! One public HTTP request as it moves through the gateway.
 //!
-//! Every handler starts by extracting a [`Call`] — the one place a request is
-//! admitted: its id, its deadline and its trace context are settled there —
-//! and ends by reporting the usage the worker counted through
-//! [`Call::record_usage`]. In between, [`Call::upstream`] turns a message into
-//! the gRPC request to a worker, with the remaining deadline, the request id
-//! and the trace context.
+//! Every handler starts by extracting a [`Call`] — where the caller is
+//! authenticated (its API key resolved to a tenant) and the request's id,
+//! deadline and trace context are settled — then admits the request for its
+//! model with [`Call::admit`] (allowed models, rate and concurrency limits,
+//! the model's queue), and ends by reporting the usage the worker counted
+//! through [`Call::record_usage`], which settles the tokens reserved at
+//! admission and meters them. In between, [`Call::upstream`] turns a message
+//! into the gRPC request to a worker, with the remaining deadline, the
+//! request id and the trace context.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, header};
 use lmgrid_core::ErrorKind;
@@ -22,7 +26,10 @@ use tonic::metadata::{MetadataKey, MetadataValue};
 use super::AppState;
 use super::error::ApiError;
 use super::json::parse_object;
+use crate::admission::{RateWindows, Rejection, Ticket};
+use crate::auth::Identity;
 use crate::metrics;
+use crate::usage::Usage;
 
 /// The header that carries a request's id, both ways.
 pub(crate) const REQUEST_ID: &str = "x-request-id";
@@ -44,21 +51,32 @@ const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
 #[derive(Debug, Clone)]
 pub(crate) struct RequestId(pub(crate) Arc<str>);
 
-/// What a handler learned that the access log and the request metrics need:
-/// the model label. Shared between the handler and the middleware, which
-/// reads it when the response (stream) ends.
+/// What a handler learned that the middleware needs: the model label and
+/// tenant (access log, metrics), the rate-limit windows (`x-ratelimit-*`
+/// headers) and, once admitted, where to meter the request's end. Shared
+/// between the handler and the middleware, which reads it when the response
+/// (stream) ends.
 #[derive(Debug, Default)]
-pub(crate) struct Observed {
-    model: Mutex<Option<String>>,
+pub(crate) struct Observed(Mutex<Seen>);
+
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Seen {
+    pub(crate) model: Option<String>,
+    pub(crate) tenant: Option<String>,
+    /// The display id of the API key used (never the key).
+    pub(crate) key_id: Option<String>,
+    pub(crate) rate: Option<RateWindows>,
+    /// Set once admitted.
+    pub(crate) usage: Option<Usage>,
 }
 
 impl Observed {
-    pub(crate) fn model(&self) -> Option<String> {
-        self.model.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    pub(crate) fn seen(&self) -> Seen {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn set_model(&self, label: String) {
-        *self.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(label);
+    fn update(&self, change: impl FnOnce(&mut Seen)) {
+        change(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
@@ -74,12 +92,31 @@ pub(crate) struct Call {
     observed: Arc<Observed>,
     state: AppState,
     model_label: String,
+    identity: Identity,
+    /// Set by [`Call::admit`].
+    ticket: Option<Ticket>,
 }
 
 impl Call {
-    /// Admits a request: its id, deadline and trace context.
+    /// Starts a request: authenticates the caller and settles its id,
+    /// deadline and trace context.
     pub(crate) fn begin(parts: &Parts, state: &AppState) -> Result<Call, ApiError> {
         let started = Instant::now();
+        let loopback = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .is_some_and(|peer| peer.0.ip().is_loopback());
+        let authorization = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        let identity = state
+            .auth
+            .authenticate(authorization, loopback)
+            .map_err(|error| {
+                metrics::auth_failure(error.reason());
+                ApiError::unauthenticated(error.message())
+            })?;
         let request_id = parts
             .extensions
             .get::<RequestId>()
@@ -90,6 +127,10 @@ impl Call {
             .get::<Arc<Observed>>()
             .cloned()
             .unwrap_or_default();
+        observed.update(|seen| {
+            seen.tenant = Some(identity.name().to_string());
+            seen.key_id = identity.key_id.clone();
+        });
         let mut deadline = started + state.limits.default_timeout;
         for (name, parse) in [
             (
@@ -120,7 +161,14 @@ impl Call {
             observed,
             state: state.clone(),
             model_label: crate::routing::UNKNOWN_MODEL.to_string(),
+            identity,
+            ticket: None,
         })
+    }
+
+    /// The authenticated caller.
+    pub(crate) fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     pub(crate) fn request_id(&self) -> &str {
@@ -132,10 +180,67 @@ impl Call {
     }
 
     /// Names the model the request is for, for logs and metrics (`unknown`
-    /// unless a ready worker serves it).
-    pub(crate) fn set_model(&mut self, model: &str) {
+    /// unless a ready worker serves it), and checks that the caller may use
+    /// it (403 otherwise).
+    pub(crate) fn set_model(&mut self, model: &str) -> Result<(), ApiError> {
         self.model_label = self.state.workers.label(model);
-        self.observed.set_model(self.model_label.clone());
+        let label = self.model_label.clone();
+        self.observed.update(|seen| seen.model = Some(label));
+        if !self.identity.tenant.allows(model) {
+            self.state
+                .usage
+                .rejected(self.identity.name(), &self.model_label, "model_not_allowed");
+            return Err(ApiError::model_not_allowed(model));
+        }
+        Ok(())
+    }
+
+    /// Admits a request for `model` that may use about `tokens` tokens
+    /// (prompt estimate plus `max_tokens`): the model must be allowed, the
+    /// tenant within its limits, and the model's queue must let it through.
+    pub(crate) async fn admit(&mut self, model: &str, tokens: u64) -> Result<(), ApiError> {
+        self.set_model(model)?;
+        // The longest the request may run bounds its concurrency lease (and
+        // its wait in the queue, with `max_wait`).
+        let deadline = self.deadline(true);
+        let admitted = self
+            .state
+            .admission
+            .admit(
+                &self.identity.tenant,
+                &self.model_label,
+                tokens,
+                &self.request_id,
+                deadline,
+            )
+            .await;
+        match admitted {
+            Ok(ticket) => {
+                let (rate, usage) = (ticket.windows(), self.state.usage.clone());
+                self.observed.update(|seen| {
+                    seen.rate = Some(rate);
+                    seen.usage = Some(usage);
+                });
+                self.ticket = Some(ticket);
+                Ok(())
+            }
+            Err(rejection) => {
+                let tenant = self.identity.name();
+                self.state
+                    .usage
+                    .rejected(tenant, &self.model_label, rejection.reason());
+                if let Rejection::Limited { windows, .. } = &rejection {
+                    let windows = *windows;
+                    self.observed.update(|seen| seen.rate = Some(windows));
+                }
+                let message = rejection.message(tenant, &self.model_label);
+                Err(if rejection.is_overload() {
+                    ApiError::overloaded(message)
+                } else {
+                    ApiError::rate_limited(message, rejection.retry_after())
+                })
+            }
+        }
     }
 
     pub(crate) fn model_label(&self) -> &str {
@@ -154,8 +259,9 @@ impl Call {
     /// Who the request is for, as internal services read it.
     pub(crate) fn context(&self) -> pb::RequestContext {
         pb::RequestContext {
+            tenant: self.identity.name().to_string(),
             request_id: self.request_id.to_string(),
-            ..Default::default()
+            priority: self.identity.tenant.priority.to_proto() as i32,
         }
     }
 
@@ -174,6 +280,9 @@ impl Call {
                 ErrorKind::DeadlineExceeded,
                 "the request's deadline passed before it reached a worker",
             ));
+        }
+        if let Some(ticket) = &self.ticket {
+            ticket.started();
         }
         let mut request = tonic::Request::new(message);
         request.set_timeout(remaining);
@@ -202,7 +311,8 @@ impl Call {
         }
     }
 
-    /// Meters what the worker counted for this request.
+    /// Meters what the worker counted for this request, and charges it
+    /// against the tenant's tokens per minute instead of the reservation.
     pub(crate) fn record_usage(&self, usage: Option<&pb::Usage>) {
         if let Some(usage) = usage {
             metrics::tokens(
@@ -210,6 +320,15 @@ impl Call {
                 usage.prompt_tokens,
                 usage.completion_tokens,
             );
+            self.state.usage.tokens(
+                self.identity.name(),
+                &self.model_label,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            );
+            if let Some(ticket) = &self.ticket {
+                ticket.settle(u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens));
+            }
         }
     }
 
@@ -294,7 +413,10 @@ impl FromRequest<AppState> for JsonBody {
 }
 
 /// Reads a whole body of at most `limit` bytes.
-async fn read_body(request: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+pub(crate) async fn read_body(
+    request: Request,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)

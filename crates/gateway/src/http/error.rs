@@ -31,6 +31,8 @@ pub(crate) struct ApiError {
     param: Option<String>,
     code: Cow<'static, str>,
     retry_after: Option<u32>,
+    /// A 401 that asks for a bearer token (`WWW-Authenticate: Bearer`).
+    challenge: bool,
 }
 
 /// Which API family's error shape to write.
@@ -62,7 +64,40 @@ impl ApiError {
             param: None,
             code: Cow::Borrowed(kind.as_str()),
             retry_after,
+            challenge: false,
         }
+    }
+
+    /// 401: no API key, or one no tenant has.
+    pub(crate) fn unauthenticated(message: impl Into<String>) -> ApiError {
+        let mut error =
+            ApiError::new(ErrorKind::Unauthenticated, message).with_code("invalid_api_key");
+        error.challenge = true;
+        error
+    }
+
+    /// 403: the caller's tenant may not use `model`.
+    pub(crate) fn model_not_allowed(model: &str) -> ApiError {
+        ApiError::new(
+            ErrorKind::PermissionDenied,
+            format!("this API key may not use the model '{model}'"),
+        )
+        .with_param("model")
+        .with_code("model_not_allowed")
+    }
+
+    /// 429 over the tenant's limits, retrying after `retry_after` seconds
+    /// when waiting helps.
+    pub(crate) fn rate_limited(message: impl Into<String>, retry_after: Option<u32>) -> ApiError {
+        let mut error =
+            ApiError::new(ErrorKind::ResourceExhausted, message).with_code("rate_limit_exceeded");
+        error.retry_after = retry_after;
+        error
+    }
+
+    /// 503: the model's queue at this gateway is full or the wait too long.
+    pub(crate) fn overloaded(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::Unavailable, message).with_code("model_overloaded")
     }
 
     /// A 400 about the request field `param`.
@@ -85,6 +120,7 @@ impl ApiError {
             param: None,
             code: Cow::Borrowed("request_too_large"),
             retry_after: None,
+            challenge: false,
         }
     }
 
@@ -107,6 +143,7 @@ impl ApiError {
             param: None,
             code: Cow::Borrowed("method_not_allowed"),
             retry_after: None,
+            challenge: false,
         }
     }
 
@@ -150,7 +187,7 @@ impl ApiError {
                 ),
             ),
             RouteError::EmptyName => ApiError::invalid("model", "'model' must not be empty"),
-            RouteError::NoWorkers | RouteError::BadAddress { .. } => {
+            RouteError::NoWorkers | RouteError::Exhausted { .. } => {
                 ApiError::new(error.kind(), error.to_string())
             }
         }
@@ -208,6 +245,11 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.challenge {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -367,6 +409,37 @@ mod tests {
         let none = ApiError::from_route(RouteError::NoWorkers, "chat completions");
         assert_eq!(none.status(), 503);
         assert_eq!(none.retry_after, Some(RETRY_AFTER_SECONDS));
+    }
+
+    #[tokio::test]
+    async fn auth_and_limit_errors_have_openai_codes_and_headers() {
+        let response = ApiError::unauthenticated("no key").render(Shape::OpenAi);
+        assert_eq!(response.status(), 401);
+        assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let body = body_json(response).await;
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+        assert_eq!(body["error"]["type"], "authentication_error");
+
+        let response = ApiError::model_not_allowed("gpt-4").render(Shape::OpenAi);
+        assert_eq!(response.status(), 403);
+        let body = body_json(response).await;
+        assert_eq!(body["error"]["code"], "model_not_allowed");
+        assert_eq!(body["error"]["param"], "model");
+        assert_eq!(body["error"]["type"], "permission_error");
+
+        let response = ApiError::rate_limited("slow down", Some(20)).render(Shape::OpenAi);
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "20");
+        assert_eq!(
+            body_json(response).await["error"]["code"],
+            "rate_limit_exceeded"
+        );
+        let response = ApiError::rate_limited("too big", None).render(Shape::OpenAi);
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
+
+        let response = ApiError::overloaded("queue full").render(Shape::OpenAi);
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub(crate) mod call;
 pub(crate) mod error;
+pub(crate) mod forward;
 pub(crate) mod json;
 
 use std::pin::Pin;
@@ -27,8 +28,11 @@ use tracing::Instrument;
 
 use self::call::{Observed, REQUEST_ID, RequestId, request_id_from};
 use self::error::{ApiError, Shape};
+use crate::admission::{Admission, rate_headers};
+use crate::auth::Authenticator;
 use crate::metrics;
 use crate::routing::Workers;
+use crate::usage::Usage;
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -36,6 +40,9 @@ pub(crate) struct AppState {
     pub(crate) workers: Arc<Workers>,
     pub(crate) readiness: Readiness,
     pub(crate) limits: Limits,
+    pub(crate) auth: Authenticator,
+    pub(crate) admission: Admission,
+    pub(crate) usage: Usage,
 }
 
 /// The request limits of `http.*` in the gateway's config.
@@ -50,8 +57,8 @@ pub(crate) struct Limits {
 /// and their log lines at debug level.
 const ADMIN_ROUTES: [&str; 3] = ["/livez", "/readyz", "/metrics"];
 
-/// The public router; `admin` (`/livez`, `/readyz`, `/metrics`) is served
-/// beside the APIs when given.
+/// The public router; `admin` (`/livez`, `/readyz`, `/metrics`, and the
+/// admin API when configured so) is served beside the APIs when given.
 pub(crate) fn router(state: AppState, admin: Option<Router>) -> Router {
     let openai = crate::openai::routes().layer(from_fn(|request: Request, next: Next| {
         error::render(Shape::OpenAi, request, next)
@@ -93,13 +100,21 @@ async fn observe(mut request: Request, next: Next) -> Response {
         .extensions_mut()
         .insert(RequestId(request_id.clone()));
     request.extensions_mut().insert(observed.clone());
-    let admin = ADMIN_ROUTES.contains(&route.as_str());
+    // The admin API logs its own requests (when served on this port too).
+    let admin = ADMIN_ROUTES.contains(&route.as_str()) || route.starts_with("/admin/");
     let in_flight = (!admin).then(metrics::InFlight::start);
     let span = telemetry::http_request_span(&method, &route, &request_id, request.headers());
 
     let mut response = next.run(request).instrument(span).await;
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, value);
+    }
+    if let Some(windows) = observed.seen().rate {
+        for (name, value) in rate_headers(&windows) {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, value);
+            }
+        }
     }
     let done = Done {
         method,
@@ -135,7 +150,10 @@ impl Done {
     /// `completed` is false when the client went away before the end.
     fn finish(self, completed: bool) {
         let elapsed = self.started.elapsed();
-        let model = self.observed.model().unwrap_or_default();
+        let seen = self.observed.seen();
+        let model = seen.model.unwrap_or_default();
+        let tenant = seen.tenant.unwrap_or_default();
+        let key_id = seen.key_id.unwrap_or_default();
         let duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         if self.admin {
             tracing::debug!(
@@ -145,11 +163,16 @@ impl Done {
             return;
         }
         metrics::request(&self.route, &model, self.status, elapsed);
+        if let Some(usage) = seen.usage {
+            usage.request(&tenant, &model, self.status >= 400);
+        }
         tracing::info!(
             target: "lmgrid_gateway::access",
             method = %self.method,
             route = %self.route,
             model = %model,
+            tenant = %tenant,
+            key_id = %key_id,
             status = self.status,
             duration_us,
             completed,

@@ -7,8 +7,8 @@
 mod tensor;
 
 use axum::Router;
-use axum::extract::Path;
 use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
@@ -20,6 +20,8 @@ use serde_json::json;
 use crate::http::AppState;
 use crate::http::call::{Call, JsonBody};
 use crate::http::error::ApiError;
+use crate::http::forward::{self, methods};
+use crate::routing::Target;
 
 /// The header of the protocol's binary tensor data extension, which this
 /// gateway does not offer.
@@ -65,7 +67,8 @@ fn health(yes: bool, body: serde_json::Value) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn server_metadata(_call: Call) -> Json<serde_json::Value> {
+/// Server-level answers need no API key: they are health checks.
+async fn server_metadata() -> Json<serde_json::Value> {
     let metadata = oip::server_metadata();
     Json(json!({
         "name": metadata.name,
@@ -74,12 +77,12 @@ async fn server_metadata(_call: Call) -> Json<serde_json::Value> {
     }))
 }
 
-async fn server_live(_call: Call) -> Response {
+async fn server_live() -> Response {
     health(oip::server_live().live, json!({"live": true}))
 }
 
-async fn server_ready(call: Call) -> Response {
-    let ready = oip::server_ready(&call.state().readiness).ready;
+async fn server_ready(State(state): State<AppState>) -> Response {
+    let ready = oip::server_ready(&state.readiness).ready;
     health(ready, json!({ "ready": ready }))
 }
 
@@ -88,15 +91,14 @@ async fn model_metadata(
     path: Result<Path<ModelPath>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let ModelPath { model, version } = model_path(path)?;
-    call.set_model(&model);
-    let mut client = call.state().workers.client_for(&model, &version)?;
+    call.set_model(&model)?;
+    let plan = forward::plan(&call, Target::about(&model, &version), "this request")?;
     let request = pb::ModelMetadataRequest {
         name: model,
         version,
     };
-    let metadata = call
-        .unary(client.model_metadata(call.upstream(request, false)?))
-        .await?;
+    let metadata: pb::ModelMetadataResponse =
+        forward::unary(&call, &plan, methods::MODEL_METADATA, request).await?;
     let tensors = |tensors: &[pb::model_metadata_response::TensorMetadata]| {
         tensors
             .iter()
@@ -117,16 +119,16 @@ async fn model_ready(
     path: Result<Path<ModelPath>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let ModelPath { model, version } = model_path(path)?;
-    call.set_model(&model);
-    let mut client = call.state().workers.client_for(&model, &version)?;
+    call.set_model(&model)?;
+    let plan = forward::plan(&call, Target::about(&model, &version), "this request")?;
     let request = pb::ModelReadyRequest {
         name: model.clone(),
         version,
     };
-    let ready = call
-        .unary(client.model_ready(call.upstream(request, false)?))
-        .await?
-        .ready;
+    let ready =
+        forward::unary::<_, pb::ModelReadyResponse>(&call, &plan, methods::MODEL_READY, request)
+            .await?
+            .ready;
     Ok(health(ready, json!({"name": model, "ready": ready})))
 }
 
@@ -137,7 +139,7 @@ async fn infer(
     body: Result<JsonBody, ApiError>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let ModelPath { model, version } = model_path(path)?;
-    call.set_model(&model);
+    call.set_model(&model)?;
     if headers.contains_key(BINARY_HEADER) {
         return Err(ApiError::bad_request(
             "the binary tensor data extension is not supported; send tensor data as JSON",
@@ -145,9 +147,11 @@ async fn infer(
     }
     let JsonBody(body) = body?;
     let request = tensor::infer_request(&model, &version, &body)?;
-    let mut client = call.state().workers.client_for(&model, &version)?;
-    let response = call
-        .unary(client.model_infer(call.upstream(request, false)?))
-        .await?;
+    // Tensors have no tokens: a request counts only against requests per
+    // minute and concurrency.
+    call.admit(&model, 0).await?;
+    let plan = forward::plan(&call, Target::work(&model, &version, None), "this request")?;
+    let response: pb::ModelInferResponse =
+        forward::unary(&call, &plan, methods::MODEL_INFER, request).await?;
     Ok(Json(tensor::infer_response(response)?))
 }

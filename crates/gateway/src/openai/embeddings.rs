@@ -7,9 +7,12 @@ use lmgrid_proto::lmgrid::v1 as pb;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::admission::estimate_tokens;
 use crate::http::call::{Call, JsonBody};
 use crate::http::error::ApiError;
+use crate::http::forward::{self, methods};
 use crate::http::json::{Fields, type_name};
+use crate::routing::{EMBEDDING, Target};
 
 /// The most texts one request may embed, as in OpenAI's API.
 const MAX_INPUTS: usize = 2048;
@@ -25,12 +28,10 @@ pub(crate) struct EmbeddingRequest {
 
 pub(super) async fn create(mut call: Call, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
     let request = parse(&body)?;
-    call.set_model(&request.model);
-    let mut client = call
-        .state()
-        .workers
-        .embedding_client_for(&request.model, "")
-        .map_err(|error| ApiError::from_route(error, "embeddings"))?;
+    let text: usize = request.inputs.iter().map(String::len).sum();
+    call.admit(&request.model, estimate_tokens(text)).await?;
+    let target = Target::work(&request.model, "", Some(EMBEDDING));
+    let plan = forward::plan(&call, target, "embeddings")?;
     let message = pb::EmbedRequest {
         model: Some(pb::ModelRef {
             name: request.model.clone(),
@@ -40,8 +41,7 @@ pub(super) async fn create(mut call: Call, JsonBody(body): JsonBody) -> Result<R
         context: Some(call.context()),
         dimensions: request.dimensions,
     };
-    let upstream = call.upstream(message, false)?;
-    let response = call.unary(client.embed(upstream)).await?;
+    let response: pb::EmbedResponse = forward::unary(&call, &plan, methods::EMBED, message).await?;
     call.record_usage(response.usage.as_ref());
     Ok(Json(render(&request, response)).into_response())
 }

@@ -20,9 +20,12 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use lmgrid_proto::lmgrid::v1 as pb;
 
+use crate::admission::estimate_tokens;
 use crate::http::AppState;
 use crate::http::call::Call;
 use crate::http::error::ApiError;
+use crate::http::forward::{self, methods};
+use crate::routing::{GENERATION, Target};
 
 /// The routes of the OpenAI-compatible API.
 pub(crate) fn routes() -> Router<AppState> {
@@ -32,6 +35,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/completions", post(completions::create))
         .route("/v1/embeddings", post(embeddings::create))
+        .route("/v1/usage", get(crate::admin::usage::own))
 }
 
 /// Which OpenAI API a generation request came through; it decides the shape
@@ -78,12 +82,14 @@ async fn generate(
     generation: Generation,
     flavor: Flavor,
 ) -> Result<Response, ApiError> {
-    call.set_model(&generation.model);
-    let client = call
-        .state()
-        .workers
-        .generation_client_for(&generation.model, "")
-        .map_err(|error| ApiError::from_route(error, flavor.serves()))?;
+    call.admit(&generation.model, reservation(&generation))
+        .await?;
+    let target = Target::work(&generation.model, "", Some(GENERATION));
+    let plan = forward::plan(
+        &call,
+        target.prompt(Some(&generation.input)),
+        flavor.serves(),
+    )?;
     let request = pb::GenerateRequest {
         model: Some(pb::ModelRef {
             name: generation.model.clone(),
@@ -97,19 +103,34 @@ async fn generate(
         // asked too.
         include_usage: true,
     };
-    let mut client = client;
     if generation.stream {
         let chunks = sse::Chunks::new(flavor, &generation.model, generation.include_usage);
-        return sse::respond(call, client, request, chunks).await;
+        let upstream = forward::generate_stream(&call, &plan, request).await?;
+        return Ok(sse::respond(call, upstream, chunks));
     }
-    let upstream = call.upstream(request, false)?;
-    let response = call.unary(client.generate(upstream)).await?;
+    let response: pb::GenerateResponse =
+        forward::unary(&call, &plan, methods::GENERATE, request).await?;
     call.record_usage(response.usage.as_ref());
     let body = match flavor {
         Flavor::Chat => chat::response(&generation.model, &response)?,
         Flavor::Completion => completions::response(&generation.model, &response)?,
     };
     Ok(Json(body).into_response())
+}
+
+/// The tokens to reserve for a generation: an estimate of the prompt plus
+/// what each of its `n` completions may generate (nothing for a model
+/// default the gateway does not know; the worker's count settles it).
+fn reservation(generation: &Generation) -> u64 {
+    let prompt = match &generation.input {
+        pb::generate_request::Input::Prompt(text) => text.len(),
+        pb::generate_request::Input::Chat(chat) => {
+            chat.messages.iter().map(|m| m.content.len()).sum()
+        }
+    };
+    let completions =
+        u64::from(generation.sampling.max_tokens) * u64::from(generation.sampling.n.max(1));
+    estimate_tokens(prompt).saturating_add(completions)
 }
 
 /// A new response id: `chatcmpl-…` or `cmpl-…`.

@@ -37,8 +37,17 @@ fn object(entry: &ModelEntry) -> ModelObject {
     }
 }
 
+/// The models the caller may use.
 pub(super) async fn list(call: Call) -> Json<ModelList> {
-    let data = call.state().workers.models().iter().map(object).collect();
+    let tenant = &call.identity().tenant;
+    let data = call
+        .state()
+        .workers
+        .models()
+        .iter()
+        .filter(|entry| tenant.allows(&entry.name))
+        .map(object)
+        .collect();
     Json(ModelList {
         object: "list",
         data,
@@ -50,7 +59,7 @@ pub(super) async fn retrieve(
     model: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ModelObject>, ApiError> {
     let Path(model) = model.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    call.set_model(&model);
+    call.set_model(&model)?;
     let workers = &call.state().workers;
     if let Some(entry) = workers.models().iter().find(|entry| entry.name == model) {
         return Ok(Json(object(entry)));

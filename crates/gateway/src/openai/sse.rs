@@ -18,63 +18,45 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use lmgrid_proto::lmgrid::v1 as pb;
 use serde_json::{Value, json};
-use tonic::Streaming;
 
 use super::Flavor;
 use crate::http::call::{Call, deadline_exceeded};
 use crate::http::error::ApiError;
 use crate::metrics::TokenClock;
-use crate::routing::GenerationClient;
+use crate::routing::Upstream;
 
-/// Starts the upstream stream and answers with the event stream. The first
-/// upstream message is awaited before answering, so that a worker's refusal
-/// is still an HTTP error status rather than an event.
-pub(super) async fn respond(
+/// Answers with the event stream of `upstream`, which has its first message
+/// already (so that a worker's refusal was still an HTTP error status rather
+/// than an event).
+pub(super) fn respond(
     call: Call,
-    mut client: GenerationClient,
-    request: pb::GenerateRequest,
+    upstream: Upstream<pb::GenerateStreamResponse>,
     chunks: Chunks,
-) -> Result<Response, ApiError> {
-    let deadline = call.deadline(true);
-    let upstream = call.upstream(request, true)?;
-    let mut upstream =
-        match tokio::time::timeout_at(deadline.into(), client.generate_stream(upstream)).await {
-            Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => return Err(ApiError::from_status(&status)),
-            Err(_) => return Err(deadline_exceeded()),
-        };
-    let first = match tokio::time::timeout_at(deadline.into(), upstream.message()).await {
-        Ok(Ok(first)) => first,
-        Ok(Err(status)) => return Err(ApiError::from_status(&status)),
-        Err(_) => return Err(deadline_exceeded()),
-    };
+) -> Response {
     let clock = TokenClock::new(call.model_label().to_string(), call.started());
     let events = Events {
         upstream,
-        first: Some(first),
         chunks,
         clock,
-        deadline,
+        deadline: call.deadline(true),
         call,
         pending: VecDeque::new(),
         done: false,
     };
     let body = Body::from_stream(futures::stream::unfold(events, Events::next));
-    Ok((
+    (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
         body,
     )
-        .into_response())
+        .into_response()
 }
 
 /// The state of one event stream.
 struct Events {
-    upstream: Streaming<pb::GenerateStreamResponse>,
-    /// The message awaited before answering, or `None` once sent on.
-    first: Option<Option<pb::GenerateStreamResponse>>,
+    upstream: Upstream<pb::GenerateStreamResponse>,
     chunks: Chunks,
     clock: TokenClock,
     deadline: Instant,
@@ -92,12 +74,7 @@ impl Events {
             if self.done {
                 return None;
             }
-            let next = match self.first.take() {
-                Some(first) => Ok(Ok(first)),
-                None => {
-                    tokio::time::timeout_at(self.deadline.into(), self.upstream.message()).await
-                }
-            };
+            let next = tokio::time::timeout_at(self.deadline.into(), self.upstream.message()).await;
             match next {
                 Ok(Ok(Some(message))) => {
                     if !message.text_delta.is_empty() {

@@ -1,11 +1,12 @@
-//! Registration in etcd: what an instance publishes, and how it leaves.
+//! Registration in etcd: what an instance publishes, and how it leaves; and the model
+//! records (aliases, traffic weights) that gateways watch.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use lmgrid_core::config::{AdminConfig, EtcdConfig, GrpcConfig, NodeConfig};
-use lmgrid_core::discovery::{Discovery as _, EtcdDiscovery, Instance, instance_key};
+use lmgrid_core::discovery::{Discovery as _, EtcdDiscovery, Instance, instance_key, model_key};
 use lmgrid_integration_tests::{SETTLE_TIMEOUT, Sandbox};
 use lmgrid_test_support::{EtcdServer, free_port};
 use tokio::time::Instant;
@@ -188,4 +189,35 @@ async fn start_fails_fast_with_an_etcd_error_when_etcd_is_unreachable() {
     let message = error.to_string();
     assert!(message.contains("etcd"), "{message}");
     assert!(message.contains(&endpoint), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn model_records_in_etcd_are_watched_and_unusable_ones_left_out() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let sandbox = Sandbox::builder(&etcd).build().await?;
+    let discovery = sandbox.discovery().await?;
+    let client = discovery.client();
+    let put = |model: &str, json: &str| {
+        let key = model_key(sandbox.prefix(), model);
+        let value = json.as_bytes().to_vec();
+        async move { client.put(&key, value, 0).await }
+    };
+    put("a", r#"{"aliases": {"stable": "1"}}"#).await?;
+    // The registry's own keys below a model are not records; malformed records are skipped.
+    put("a/versions/1", r#"{"digest": "sha256:…"}"#).await?;
+    put("bad", r#"{"traffic": [{"version": "1", "weight": 0}]}"#).await?;
+    let mut table = discovery.watch_models().await?;
+    let records = table.records();
+    assert_eq!(records.keys().collect::<Vec<_>>(), ["a"]);
+    assert_eq!(records["a"].aliases["stable"], "1");
+
+    // Changes arrive through the watch: a new record, a record turned unusable, a deletion.
+    put("b", r#"{"traffic": [{"version": "2", "weight": 1}]}"#).await?;
+    let settle = Duration::from_secs(10);
+    tokio::time::timeout(settle, table.wait_for(|r| r.contains_key("b"))).await??;
+    put("a", "not json").await?;
+    tokio::time::timeout(settle, table.wait_for(|r| !r.contains_key("a"))).await??;
+    client.delete(&model_key(sandbox.prefix(), "b")).await?;
+    tokio::time::timeout(settle, table.wait_for(|r| r.is_empty())).await??;
+    Ok(())
 }

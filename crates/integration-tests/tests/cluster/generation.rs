@@ -318,6 +318,60 @@ async fn a_client_that_goes_away_cancels_the_upstream_stream() -> anyhow::Result
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_goes_away_cancels_the_upstream_unary_call() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let setup = setup(&etcd).await?;
+    let seen = setup.seen.clone();
+    let cancelled = |n: usize, what: &'static str| {
+        let seen = seen.clone();
+        wait_until(SETTLE_TIMEOUT, what, move || {
+            let seen = seen.clone();
+            async move { seen.cancelled.load(Ordering::SeqCst) == n }
+        })
+    };
+    let reached = |n: usize| {
+        let seen = seen.clone();
+        wait_until(
+            SETTLE_TIMEOUT,
+            "the request to reach the worker",
+            move || {
+                let seen = seen.clone();
+                async move { seen.requests.lock().unwrap().len() == n }
+            },
+        )
+    };
+
+    // Over HTTP: send a unary completion the worker never answers, then hang up.
+    let mut stream = tokio::net::TcpStream::connect(setup.http).await?;
+    let body = chat("forever", json!({}));
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    reached(1).await?;
+    drop(stream);
+    cancelled(1, "the worker to see the HTTP call cancelled").await?;
+
+    // Over gRPC: a unary Generate whose caller gives up.
+    let channel = connect(setup.sandbox.node("gateway").grpc_addr()).await?;
+    let mut client = pb::generation_service_client::GenerationServiceClient::new(channel);
+    let request = pb::GenerateRequest {
+        model: Some(pb::ModelRef {
+            name: "scripted-llm".into(),
+            version: String::new(),
+        }),
+        input: Some(pb::generate_request::Input::Prompt("forever".into())),
+        ..Default::default()
+    };
+    let call = tokio::spawn(async move { client.generate(request).await });
+    reached(2).await?;
+    call.abort();
+    cancelled(2, "the worker to see the gRPC call cancelled").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_gateway_forwards_generation_over_grpc() -> anyhow::Result<()> {
     let etcd = EtcdServer::start().await?;
     let setup = setup(&etcd).await?;

@@ -18,7 +18,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 /// A typed FP32 request for `model` with input `x` of `rows` rows.
-fn request(model: &str, version: &str, rows: usize, x: Vec<f32>) -> ModelInferRequest {
+pub(crate) fn request(model: &str, version: &str, rows: usize, x: Vec<f32>) -> ModelInferRequest {
     let width = x.len() / rows;
     ModelInferRequest {
         model_name: model.to_string(),
@@ -37,7 +37,7 @@ fn request(model: &str, version: &str, rows: usize, x: Vec<f32>) -> ModelInferRe
     }
 }
 
-fn output(response: &lmgrid_proto::inference::ModelInferResponse) -> Vec<f32> {
+pub(crate) fn output(response: &lmgrid_proto::inference::ModelInferResponse) -> Vec<f32> {
     response.outputs[0]
         .contents
         .as_ref()
@@ -46,7 +46,7 @@ fn output(response: &lmgrid_proto::inference::ModelInferResponse) -> Vec<f32> {
 }
 
 /// A client of the gateway, once the gateway sees a worker serving `model`.
-async fn gateway_client(
+pub(crate) async fn gateway_client(
     sandbox: &Sandbox,
     model: &str,
 ) -> anyhow::Result<GrpcInferenceServiceClient<Channel>> {

@@ -13,10 +13,17 @@
 //! - `oip_rest`: the Open Inference Protocol's REST API: health, metadata, JSON tensors.
 //! - `generation`: chat and completions, unary and streamed, and gRPC generation, through the
 //!   gateway to a scripted generation worker; a client going away cancels the upstream.
+//! - `routing`: a worker crashing under load fails no request; traffic weights and aliases
+//!   from etcd steer versions, live; a failing worker is ejected, then returns.
+//! - `tenants`: API keys name tenants (401 without one, 403 for a model not allowed, over
+//!   HTTP and gRPC); keys made on one gateway work on another, and rotation revokes.
+//! - `admission`: limits shared by two gateways through a real Redis (429, `Retry-After`,
+//!   `x-ratelimit-*`), requests in flight, a Redis outage (each gateway its share), usage.
 //!
 //! Every test starts its own etcd and keeps its keys under a unique prefix, so tests run in
 //! any order and in parallel.
 
+mod admission;
 mod api;
 mod discovery;
 mod generation;
@@ -24,5 +31,7 @@ mod health;
 mod inference;
 mod oip_rest;
 mod openai;
+mod routing;
 mod scripted_worker;
 mod shutdown;
+mod tenants;

@@ -29,8 +29,8 @@ pub(crate) const ANSWER: [&str; 7] = ["The", " capital", " of", " France", " is"
 /// What the scripted worker saw.
 #[derive(Debug, Default)]
 pub(crate) struct Seen {
-    requests: Mutex<Vec<(pb::GenerateRequest, MetadataMap)>>,
-    /// Endless streams dropped: cancelled by the caller.
+    pub(crate) requests: Mutex<Vec<(pb::GenerateRequest, MetadataMap)>>,
+    /// Endless streams and never-answered calls dropped: cancelled by the caller.
     pub(crate) cancelled: AtomicUsize,
 }
 
@@ -99,6 +99,13 @@ impl GenerationService for ScriptedWorker {
             .lock()
             .unwrap()
             .push((request.clone(), metadata));
+        if text_of(&request) == "forever" {
+            // Never answers; counted as cancelled when the caller drops it.
+            let _guard = CancelGuard {
+                seen: self.seen.clone(),
+            };
+            std::future::pending::<()>().await;
+        }
         let n = request.sampling.map_or(1, |s| s.n.max(1));
         Ok(Response::new(pb::GenerateResponse {
             model: request.model.clone(),
@@ -177,6 +184,13 @@ pub(crate) struct Setup {
 
 pub(crate) async fn setup(etcd: &EtcdServer) -> anyhow::Result<Setup> {
     let sandbox = Sandbox::builder(etcd).gateway().build().await?;
+    let setup = register(sandbox).await?;
+    wait_for_models(setup.http, &["scripted-llm"]).await?;
+    Ok(setup)
+}
+
+/// Registers the scripted worker in `sandbox`'s etcd; `http` is the first gateway's.
+pub(crate) async fn register(sandbox: Sandbox) -> anyhow::Result<Setup> {
     let seen = Arc::new(Seen::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
@@ -210,7 +224,6 @@ pub(crate) async fn setup(etcd: &EtcdServer) -> anyhow::Result<Setup> {
         .await
         .context("register the scripted worker")?;
     let http = sandbox.node("gateway").http_addr();
-    wait_for_models(http, &["scripted-llm"]).await?;
     Ok(Setup {
         sandbox,
         http,

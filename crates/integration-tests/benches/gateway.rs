@@ -1,0 +1,506 @@
+//! `cargo xtask bench gateway`: what the gateway adds to a call, all in one run.
+//!
+//! One worker serves a model whose compute is negligible (the identity on 16 floats,
+//! batching off), and one gateway routes to it; both run in this process over loopback
+//! gRPC, with the in-process discovery, each on a tokio runtime of its own (as separate
+//! processes would be), and the clients on a third. The same client setup (8 HTTP/2
+//! connections, raw tensor contents as Triton's clients send them) calls the worker
+//! directly and through the gateway, at concurrency 1 and 64; the table gives each path's
+//! p50/p99 latency and throughput, what the gateway adds, the throughput ratio, and the CPU
+//! each role spent per request (from the threads' times in `/proc`). Rows for the Open
+//! Inference Protocol's REST API through the gateway (keep-alive HTTP/1.1, one connection
+//! per client) follow for comparison.
+//!
+//! The load generator shares the machine's cores with the worker and the gateway, so once
+//! the cores are saturated (concurrency 64 on a small machine) the throughput ratio is the
+//! ratio of CPU per request of the two paths, not what a gateway on cores of its own would
+//! allow; the CPU columns tell the two apart. `LMGRID_BENCH_SECONDS` sets the time per row
+//! (default 3 s, after 0.3 s of warm-up).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use lmgrid_core::config::{AdminConfig, GrpcConfig, NodeConfig, ShutdownConfig};
+use lmgrid_core::discovery::{Discovery, MemoryDiscovery};
+use lmgrid_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use lmgrid_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
+use lmgrid_test_support::onnx::{self, ElemType};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Floats per request.
+const WIDTH: usize = 16;
+/// HTTP/2 connections each gRPC path's clients share.
+const CHANNELS: usize = 8;
+
+/// Thread names of the roles' runtimes; every other thread (the batcher's, ONNX Runtime's)
+/// is the worker's.
+const CLIENT: &str = "bench-client";
+const GATEWAY: &str = "bench-gateway";
+const WORKER: &str = "bench-worker";
+
+struct Row {
+    path: &'static str,
+    /// The row this one is compared with.
+    baseline: Option<&'static str>,
+    concurrency: usize,
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// CPU microseconds per request: client, gateway, worker.
+    cpu_us: [f64; 3],
+}
+
+fn main() -> anyhow::Result<()> {
+    let seconds: f64 = std::env::var("LMGRID_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let measure = Duration::from_secs_f64(seconds);
+    let dir = tempfile::tempdir()?;
+    let identity = onnx::identity(ElemType::Float, &[WIDTH as i64]);
+    onnx::model_repository(
+        dir.path(),
+        "id",
+        &[("1", &identity)],
+        "max_batch_size: 64\n",
+    )?;
+    println!(
+        "lmgrid gateway benchmark: identity on {WIDTH} FP32 (batching off), {seconds}s per row, \
+         {} CPUs, worker + gateway + clients in one process",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let runtime = |name: &'static str| {
+        tokio::runtime::Builder::new_multi_thread()
+            .thread_name(name)
+            .enable_all()
+            .build()
+    };
+    let (clients, gateways, workers) = (runtime(CLIENT)?, runtime(GATEWAY)?, runtime(WORKER)?);
+    let shutdown = CancellationToken::new();
+    let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::new());
+    let worker = workers.block_on(lmgrid_worker::Worker::start(lmgrid_worker::Config {
+        node: node(&discovery),
+        model_repository: Some(dir.path().to_path_buf()),
+        onnxruntime: Default::default(),
+    }))?;
+    let worker_addr = worker.grpc_addr();
+    let worker_task = workers.spawn(worker.run(shutdown.clone()));
+    let mut auth = lmgrid_gateway::AuthConfig {
+        required: false,
+        ..Default::default()
+    };
+    // The benchmark sends far more than an anonymous tenant may.
+    auth.anonymous = lmgrid_gateway::TenantDefaults {
+        requests_per_minute: 0,
+        tokens_per_minute: 0,
+        max_concurrent: 0,
+        ..Default::default()
+    };
+    let gateway = gateways.block_on(lmgrid_gateway::Gateway::start(lmgrid_gateway::Config {
+        node: node(&discovery),
+        http: lmgrid_gateway::HttpConfig {
+            listen_addr: ([127, 0, 0, 1], 0).into(),
+            ..Default::default()
+        },
+        auth,
+        ..Default::default()
+    }))?;
+    let (gateway_grpc, gateway_http) = (gateway.grpc_addr(), gateway.http_addr());
+    let gateway_task = gateways.spawn(gateway.run(shutdown.clone()));
+
+    let rows = clients.block_on(async {
+        let direct = channels(worker_addr).await?;
+        let routed = channels(gateway_grpc).await?;
+        wait_until_routed(&routed[0]).await?;
+        let mut rows = Vec::new();
+        for concurrency in [1, 64] {
+            rows.push(grpc_row(DIRECT, None, &direct, concurrency, measure).await?);
+            rows.push(grpc_row(ROUTED, Some(DIRECT), &routed, concurrency, measure).await?);
+        }
+        for concurrency in [1, 64] {
+            rows.push(http_row(gateway_http, concurrency, measure).await?);
+        }
+        // As deployed, the gateway does not share cores with the worker: the clients and
+        // the worker on one core, the gateway on the other.
+        match pin_gateway_apart() {
+            Ok(()) => {
+                for concurrency in [1, 64] {
+                    rows.push(grpc_row(DIRECT_PINNED, None, &direct, concurrency, measure).await?);
+                    let routed_row = grpc_row(
+                        ROUTED_PINNED,
+                        Some(DIRECT_PINNED),
+                        &routed,
+                        concurrency,
+                        measure,
+                    );
+                    rows.push(routed_row.await?);
+                }
+            }
+            Err(error) => println!("(no rows with the gateway on a core of its own: {error:#})"),
+        }
+        anyhow::Ok(rows)
+    })?;
+    shutdown.cancel();
+    gateways.block_on(gateway_task)??;
+    workers.block_on(worker_task)??;
+    print_table(&rows);
+    Ok(())
+}
+
+const DIRECT: &str = "worker direct (gRPC)";
+const ROUTED: &str = "through the gateway (gRPC)";
+const DIRECT_PINNED: &str = "worker direct (gRPC), clients + worker on core 0";
+const ROUTED_PINNED: &str = "through the gateway (gRPC), gateway on core 1";
+
+/// Pins the gateway's threads to CPU 1 and every other thread to CPU 0, with `taskset`
+/// (thread ids are process ids to it), so that this crate needs no unsafe code.
+fn pin_gateway_apart() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        std::thread::available_parallelism().map_or(0, |n| n.get()) >= 2,
+        "fewer than 2 CPUs"
+    );
+    for task in std::fs::read_dir("/proc/self/task")?.flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let cpu = if name.trim() == GATEWAY { "1" } else { "0" };
+        let status = std::process::Command::new("taskset")
+            .args(["-p", "-c", cpu])
+            .arg(task.file_name())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("run taskset")?;
+        anyhow::ensure!(status.success(), "taskset failed: {status}");
+    }
+    Ok(())
+}
+
+/// A node on a loopback port with the shared in-process discovery and no admin server.
+fn node(discovery: &Arc<dyn Discovery>) -> NodeConfig {
+    NodeConfig {
+        grpc: GrpcConfig {
+            listen_addr: ([127, 0, 0, 1], 0).into(),
+            advertise_addr: None,
+        },
+        admin: AdminConfig {
+            enabled: false,
+            ..AdminConfig::default()
+        },
+        shutdown: ShutdownConfig {
+            drain_delay: Duration::ZERO,
+            grace_period: Duration::from_secs(5),
+        },
+        in_process_discovery: Some(discovery.clone()),
+        ..NodeConfig::default()
+    }
+}
+
+async fn channels(addr: SocketAddr) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::new();
+    for _ in 0..CHANNELS {
+        channels.push(
+            Channel::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    Ok(channels)
+}
+
+fn infer_request() -> ModelInferRequest {
+    let x = onnx::random_f32(3, WIDTH);
+    ModelInferRequest {
+        model_name: "id".to_string(),
+        inputs: vec![InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, WIDTH as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![x.iter().flat_map(|v| v.to_le_bytes()).collect()],
+        ..Default::default()
+    }
+}
+
+/// Polls the gateway until it routes to the worker (it registers once its model loaded).
+async fn wait_until_routed(channel: &Channel) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut client = GrpcInferenceServiceClient::new(channel.clone());
+    loop {
+        match client.model_infer(infer_request()).await {
+            Ok(_) => return Ok(()),
+            Err(status) if Instant::now() > deadline => {
+                anyhow::bail!("the gateway never routed to the worker: {status}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Runs `concurrency` clients calling `call` in a loop: warm-up, then `measure`.
+async fn drive<C, F, Fut>(
+    concurrency: usize,
+    measure: Duration,
+    mut clients: impl FnMut(usize) -> C,
+    call: F,
+) -> anyhow::Result<Measured>
+where
+    C: Send + 'static,
+    F: Fn(C) -> Fut + Send + Sync + Copy + 'static,
+    Fut: Future<Output = anyhow::Result<C>> + Send,
+{
+    let warmup = Duration::from_millis(300);
+    let start = Instant::now() + warmup;
+    let end = start + measure;
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let mut client = clients(i);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                client = call(client).await?;
+                if t >= start {
+                    latencies.push(t.elapsed());
+                }
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    tokio::time::sleep_until(start.into()).await;
+    let before = cpu_by_role();
+    tokio::time::sleep_until(end.into()).await;
+    let spent = cpu_by_role();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    latencies.sort();
+    let cpu_us = std::array::from_fn(|i| {
+        (spent[i] - before[i]).as_secs_f64() * 1e6 / latencies.len().max(1) as f64
+    });
+    Ok(Measured {
+        per_second: latencies.len() as f64 / measure.as_secs_f64(),
+        latencies,
+        cpu_us,
+    })
+}
+
+/// What one row measured.
+struct Measured {
+    /// Sorted.
+    latencies: Vec<Duration>,
+    per_second: f64,
+    cpu_us: [f64; 3],
+}
+
+/// CPU time (user + system) of this process's threads so far, by role: client, gateway,
+/// worker. Read from `/proc/self/task/*/stat`, in clock ticks of 10 ms; threads that
+/// ended are not counted, so the difference of two readings over a row is what the threads
+/// alive through it spent.
+fn cpu_by_role() -> [Duration; 3] {
+    let mut spent = [Duration::ZERO; 3];
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return spent;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue;
+        };
+        // Fields after the command name's closing parenthesis: state is the first,
+        // utime the 12th and stime the 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+            .sum();
+        let role = match name.trim() {
+            CLIENT => 0,
+            GATEWAY => 1,
+            _ => 2,
+        };
+        spent[role] += Duration::from_millis(ticks * 10);
+    }
+    spent
+}
+
+async fn grpc_row(
+    path: &'static str,
+    baseline: Option<&'static str>,
+    channels: &[Channel],
+    concurrency: usize,
+    measure: Duration,
+) -> anyhow::Result<Row> {
+    let request = infer_request();
+    let measured = drive(
+        concurrency,
+        measure,
+        |i| {
+            (
+                GrpcInferenceServiceClient::new(channels[i % channels.len()].clone()),
+                request.clone(),
+            )
+        },
+        |(mut client, request)| async move {
+            client.model_infer(request.clone()).await?;
+            Ok((client, request))
+        },
+    )
+    .await?;
+    Ok(row(path, baseline, concurrency, measured))
+}
+
+async fn http_row(addr: SocketAddr, concurrency: usize, measure: Duration) -> anyhow::Result<Row> {
+    let data: Vec<String> = onnx::random_f32(3, WIDTH)
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let body = format!(
+        r#"{{"inputs": [{{"name": "x", "shape": [1, {WIDTH}], "datatype": "FP32", "data": [{}]}}]}}"#,
+        data.join(", ")
+    );
+    let request: Arc<str> = format!(
+        "POST /v2/models/id/infer HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into();
+    let mut connections = Vec::new();
+    for _ in 0..concurrency {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        connections.push(Some(BufReader::new(stream)));
+    }
+    let measured = drive(
+        concurrency,
+        measure,
+        |i| {
+            (
+                connections[i].take().expect("one connection per client"),
+                request.clone(),
+            )
+        },
+        |(mut connection, request)| async move {
+            post(&mut connection, &request).await?;
+            Ok((connection, request))
+        },
+    )
+    .await?;
+    Ok(row(
+        "through the gateway (OIP REST, HTTP/1.1)",
+        Some(DIRECT),
+        concurrency,
+        measured,
+    ))
+}
+
+/// One request on a keep-alive connection; fails unless the answer is 200.
+async fn post(connection: &mut BufReader<TcpStream>, request: &str) -> anyhow::Result<()> {
+    connection.get_mut().write_all(request.as_bytes()).await?;
+    let mut line = String::new();
+    connection.read_line(&mut line).await?;
+    anyhow::ensure!(line.starts_with("HTTP/1.1 200"), "answered {line:?}");
+    let mut length = 0;
+    loop {
+        line.clear();
+        connection.read_line(&mut line).await?;
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().context("content-length")?;
+        }
+    }
+    let mut body = vec![0; length];
+    connection.read_exact(&mut body).await?;
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index].as_secs_f64() * 1e3
+}
+
+fn row(
+    path: &'static str,
+    baseline: Option<&'static str>,
+    concurrency: usize,
+    measured: Measured,
+) -> Row {
+    Row {
+        path,
+        baseline,
+        concurrency,
+        per_second: measured.per_second,
+        p50_ms: percentile(&measured.latencies, 0.5),
+        p99_ms: percentile(&measured.latencies, 0.99),
+        cpu_us: measured.cpu_us,
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let find = |path: &str, concurrency: usize| {
+        rows.iter()
+            .find(|r| r.path == path && r.concurrency == concurrency)
+    };
+    println!();
+    println!(
+        "| path | concurrency | requests/s | p50 ms | p99 ms | added p50 ms | added p99 ms | \
+         throughput vs direct | CPU µs/request: client | gateway | worker |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let base = r.baseline.and_then(|b| find(b, r.concurrency));
+        let (added_p50, added_p99, ratio) = match base {
+            Some(d) => (
+                format!("{:+.3}", r.p50_ms - d.p50_ms),
+                format!("{:+.3}", r.p99_ms - d.p99_ms),
+                format!("{:.2}×", r.per_second / d.per_second),
+            ),
+            None => ("".into(), "".into(), "".into()),
+        };
+        let [client, gateway, worker] = r.cpu_us;
+        println!(
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {added_p50} | {added_p99} | {ratio} | {client:.0} | \
+             {gateway:.0} | {worker:.0} |",
+            r.path, r.concurrency, r.per_second, r.p50_ms, r.p99_ms
+        );
+    }
+    println!();
+    for (routed, direct, how) in [
+        (ROUTED, DIRECT, "sharing both cores"),
+        (ROUTED_PINNED, DIRECT_PINNED, "on a core of its own"),
+    ] {
+        for concurrency in [1, 64] {
+            if let (Some(d), Some(g)) = (find(direct, concurrency), find(routed, concurrency)) {
+                println!(
+                    "gateway {how}, concurrency {concurrency}: adds {:.3} ms at p50 (target < 0.5), \
+                     {:.3} ms at p99 (target < 2); throughput {:.2}× direct (target ≥ 0.9)",
+                    g.p50_ms - d.p50_ms,
+                    g.p99_ms - d.p99_ms,
+                    g.per_second / d.per_second
+                );
+            }
+        }
+    }
+}
