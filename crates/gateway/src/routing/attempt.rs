@@ -31,15 +31,15 @@ use lmgrid_core::telemetry::TraceContextInterceptor;
 use tonic::client::Grpc;
 use tonic::metadata::MetadataMap;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::codec::Encoded;
+use super::connection;
 use super::endpoint::{Endpoint, Pending, may_eject};
 use super::{Plan, Workers};
 use crate::metrics;
 
-type Client = Grpc<InterceptedService<Channel, TraceContextInterceptor>>;
+type Client = Grpc<InterceptedService<connection::Client, TraceContextInterceptor>>;
 
 /// A request on its way to a worker: the gRPC method, the message encoded
 /// once, the metadata each attempt carries, and the deadline.
@@ -240,13 +240,18 @@ impl Workers {
             if let Some(limit) = limit {
                 request.set_timeout(limit);
             }
-            let client = Grpc::new(InterceptedService::new(
-                endpoint.channel.clone(),
-                TraceContextInterceptor,
-            ));
+            let attempt = async {
+                let client = endpoint
+                    .connection
+                    .client()
+                    .await
+                    .map_err(|error| Status::from_error(Box::new(error)))?;
+                let client = Grpc::new(InterceptedService::new(client, TraceContextInterceptor));
+                call(client, request).await
+            };
             let result = match limit {
-                Some(limit) => tokio::time::timeout(limit, call(client, request)).await,
-                None => Ok(call(client, request).await),
+                Some(limit) => tokio::time::timeout(limit, attempt).await,
+                None => Ok(attempt.await),
             };
             let now = self.now();
             let (status, failure) = match result {
@@ -254,10 +259,14 @@ impl Workers {
                     endpoint.health().succeeded(now, &self.settings.ejection);
                     return Ok((answer, pending));
                 }
-                Ok(Err(status)) => {
-                    let failure = Failure::of(&status, attempt_bounded);
-                    (status, failure)
-                }
+                Ok(Err(status)) => match Failure::of(&status, attempt_bounded) {
+                    // Whatever code the transport's error mapped to, the client
+                    // learns that the worker could not be reached.
+                    Some(Failure::Connection) => {
+                        (unreachable(&endpoint, &status), Some(Failure::Connection))
+                    }
+                    failure => (status, failure),
+                },
                 Err(_) if attempt_bounded => (
                     attempt_timed_out(&endpoint, limit.unwrap_or_default()),
                     Some(Failure::Timeout),
@@ -328,6 +337,16 @@ impl Workers {
 /// connection's failure (the status keeps the error as its source).
 fn not_ready(error: impl Into<tonic::codegen::StdError>) -> Status {
     Status::from_error(error.into())
+}
+
+/// `UNAVAILABLE` for a worker the connection to which failed.
+fn unreachable(endpoint: &Endpoint, status: &Status) -> Status {
+    ErrorKind::Unavailable.status(format!(
+        "worker {} at {} could not be reached: {}",
+        endpoint.id,
+        endpoint.address,
+        status.message()
+    ))
 }
 
 fn attempt_timed_out(endpoint: &Endpoint, limit: Duration) -> Status {

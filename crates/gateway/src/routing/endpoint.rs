@@ -1,6 +1,6 @@
-//! One worker as this gateway sees it: its channel (one per worker, reused
-//! by every request), the requests outstanding there, the load it reports,
-//! and its health — consecutive failures and outlier ejection.
+//! One worker as this gateway sees it: its connection (one per worker,
+//! reused by every request), the requests outstanding there, the load it
+//! reports, and its health — consecutive failures and outlier ejection.
 //!
 //! Everything a request touches is an atomic; only ejection, which is rare,
 //! takes a lock.
@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus::IntGauge;
-use tonic::transport::Channel;
 
+use super::connection::Connection;
 use crate::metrics;
 
 /// One worker.
@@ -19,7 +19,7 @@ use crate::metrics;
 pub(crate) struct Endpoint {
     pub(super) id: String,
     pub(super) address: String,
-    pub(super) channel: Channel,
+    pub(super) connection: Connection,
     outstanding: AtomicU32,
     /// In flight plus queued, as the worker last published.
     reported: AtomicU32,
@@ -28,11 +28,11 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    pub(super) fn new(id: &str, address: &str, channel: Channel) -> Endpoint {
+    pub(super) fn new(id: &str, address: &str, connection: Connection) -> Endpoint {
         Endpoint {
             id: id.to_string(),
             address: address.to_string(),
-            channel,
+            connection,
             outstanding: AtomicU32::new(0),
             reported: AtomicU32::new(0),
             health: Health::default(),

@@ -25,6 +25,7 @@ mod balance;
 mod budget;
 mod codec;
 pub(crate) mod config;
+mod connection;
 mod endpoint;
 mod table;
 
@@ -36,13 +37,13 @@ use lmgrid_core::discovery::{Instance, Membership, ModelRecord, ModelTable};
 use lmgrid_core::error::ErrorKind;
 use lmgrid_proto::lmgrid::v1 as pb;
 use tonic::Status;
-use tonic::transport::Endpoint as ChannelEndpoint;
 
 pub(crate) use self::attempt::{Outbound, Upstream};
 use self::balance::{Rng, prompt_key, two_choices, weighted};
 use self::budget::RetryBudget;
 pub(crate) use self::codec::Versioned;
 use self::config::RoutingConfig;
+use self::connection::Connection;
 use self::endpoint::{EjectionPolicy, Endpoint, Pending};
 use self::table::{Group, ModelRoutes, Table};
 
@@ -450,31 +451,24 @@ impl Workers {
             records,
             &self.statics,
             &mut endpoints,
-            &mut |worker| self.connect(worker),
+            &mut |worker| self.endpoint_for(worker),
             self.settings.affinity.is_some(),
         ));
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = table.clone();
         table
     }
 
-    /// The endpoint of a worker new to this gateway: a lazily connecting
-    /// channel, kept for as long as the worker stays.
-    fn connect(&self, worker: &Instance) -> Option<Endpoint> {
-        let channel = ChannelEndpoint::from_shared(format!("http://{}", worker.address))
+    /// The endpoint of a worker new to this gateway: a connection made on
+    /// first use and kept for as long as the worker stays.
+    fn endpoint_for(&self, worker: &Instance) -> Option<Endpoint> {
+        let connection = Connection::new(&worker.address, self.settings.connect_timeout)
             .inspect_err(|error| {
                 tracing::warn!(
-                    worker = worker.id, address = worker.address, %error,
-                    "ignoring a worker whose address is not usable"
+                    worker = worker.id, %error, "ignoring a worker whose address is not usable"
                 );
             })
-            .ok()?
-            .tcp_nodelay(true)
-            .connect_timeout(self.settings.connect_timeout)
-            // Notice a worker that vanished without closing its connection.
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
-        Some(Endpoint::new(&worker.id, &worker.address, channel))
+            .ok()?;
+        Some(Endpoint::new(&worker.id, &worker.address, connection))
     }
 
     /// Nanoseconds since this router started: the clock of worker health.

@@ -83,7 +83,7 @@ impl Table {
         records: ModelRecords,
         statics: &BTreeMap<String, ModelRecord>,
         endpoints: &mut HashMap<String, Arc<Endpoint>>,
-        connect: &mut dyn FnMut(&Instance) -> Option<Endpoint>,
+        new_endpoint: &mut dyn FnMut(&Instance) -> Option<Endpoint>,
         affinity: bool,
     ) -> Table {
         endpoints.retain(|id, endpoint| {
@@ -101,7 +101,7 @@ impl Table {
             let endpoint = match endpoints.get(&worker.id) {
                 Some(endpoint) => endpoint.clone(),
                 None => {
-                    let Some(endpoint) = connect(worker) else {
+                    let Some(endpoint) = new_endpoint(worker) else {
                         continue;
                     };
                     let endpoint = Arc::new(endpoint);

@@ -15,6 +15,8 @@
 //!   gateway to a scripted generation worker; a client going away cancels the upstream.
 //! - `routing`: a worker crashing under load fails no request; traffic weights and aliases
 //!   from etcd steer versions, live; a failing worker is ejected, then returns.
+//! - `attempt_timeout`: a worker that never answers is given up on per attempt, cancelled,
+//!   retried around and ejected.
 //! - `tenants`: API keys name tenants (401 without one, 403 for a model not allowed, over
 //!   HTTP and gRPC); keys made on one gateway work on another, and rotation revokes.
 //! - `admission`: limits shared by two gateways through a real Redis (429, `Retry-After`,
@@ -25,6 +27,7 @@
 
 mod admission;
 mod api;
+mod attempt_timeout;
 mod discovery;
 mod generation;
 mod health;

@@ -1,6 +1,7 @@
 //! Resilient routing at the gateway, against real workers: a worker that crashes under load
 //! fails no request; traffic weights and aliases from etcd split and steer requests between
-//! versions and change live; a failing worker is ejected, then returns.
+//! versions and change live; a failing worker is ejected, then returns; a lone worker out of
+//! reach is UNAVAILABLE, never ejected.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ const DOUBLED: [f32; 4] = [2.0, 4.0, 6.0, 8.0];
 
 /// A repository serving `m` at `version`: the identity (answers x) or the doubler (2x), so
 /// every answer tells which worker computed it.
-fn repository(version: &str, doubles: bool) -> anyhow::Result<TempDir> {
+pub(crate) fn repository(version: &str, doubles: bool) -> anyhow::Result<TempDir> {
     let dir = TempDir::new()?;
     let model = if doubles {
         onnx::variable_seq()
@@ -36,7 +37,7 @@ fn repository(version: &str, doubles: bool) -> anyhow::Result<TempDir> {
 }
 
 /// Keyless callers without limits: these tests send more than an anonymous tenant may.
-fn unlimited() -> lmgrid_gateway::AuthConfig {
+pub(crate) fn unlimited() -> lmgrid_gateway::AuthConfig {
     let mut auth = lmgrid_gateway::AuthConfig {
         required: false,
         ..Default::default()
@@ -372,5 +373,64 @@ async fn a_failing_worker_is_ejected_then_returns() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_worker_out_of_reach_is_unavailable_and_never_ejected() -> anyhow::Result<()> {
+    let repo = repository("1", false)?;
+    let mut routing = lmgrid_gateway::RoutingConfig::default();
+    routing.ejection.consecutive_failures = 1;
+    let etcd = EtcdServer::start().await?;
+    let sandbox = Arc::new(
+        Sandbox::builder(&etcd)
+            .gateway_routing(routing)
+            .gateway_auth(unlimited())
+            .worker_behind_proxy(repo.path())
+            .gateway()
+            .build()
+            .await?,
+    );
+    let client = gateway_client(&sandbox, "m").await?;
+    let worker = sandbox.node("worker");
+    let proxy = worker.proxy().context("the worker has a proxy")?;
+    proxy.cut();
+    // Every attempt fails at the connection: UNAVAILABLE (503 with Retry-After over HTTP),
+    // and the worker stays in rotation, since ejecting it would leave the model none.
+    for _ in 0..3 {
+        let status = client
+            .clone()
+            .model_infer(request("m", "", 1, X.to_vec()))
+            .await
+            .expect_err("the worker is out of reach");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("could not be reached"),
+            "{status:?}"
+        );
+    }
+    let response = http_post_json(
+        sandbox.node("gateway").http_addr(),
+        "/v2/models/m/infer",
+        r#"{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}"#,
+    )
+    .await?;
+    assert_eq!(response.status, 503, "{}", response.body);
+    assert_eq!(response.header("retry-after"), Some("1"));
+    let tried = proxy.connections();
+    let _ = client
+        .clone()
+        .model_infer(request("m", "", 1, X.to_vec()))
+        .await;
+    assert!(
+        proxy.connections() > tried,
+        "the lone worker is still tried"
+    );
+    proxy.heal();
+    let response = client
+        .clone()
+        .model_infer(request("m", "", 1, X.to_vec()))
+        .await?;
+    assert_eq!(output(&response.into_inner()), X);
     Ok(())
 }
