@@ -91,11 +91,17 @@ fn system_packages() -> anyhow::Result<()> {
 }
 
 fn missing_tools() -> Vec<(&'static str, &'static str)> {
-    SYSTEM_TOOLS
+    let mut missing: Vec<_> = SYSTEM_TOOLS
         .iter()
         .copied()
         .filter(|(tool, _)| !on_path(tool))
-        .collect()
+        .collect();
+    // The model conversion and the SDK test build venvs: Debian splits `venv` (with the
+    // `ensurepip` it needs) out of python3 into python3-venv.
+    if !succeeds(Command::new("python3").args(["-c", "import ensurepip, venv"])) {
+        missing.push(("python3 -m venv", "python3-venv"));
+    }
+    missing
 }
 
 fn tool_names(tools: &[(&str, &str)]) -> String {
