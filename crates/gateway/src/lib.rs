@@ -22,6 +22,7 @@ mod metrics;
 mod oip_rest;
 mod openai;
 mod peers;
+mod rate;
 mod routing;
 mod tenancy;
 mod usage;

@@ -114,6 +114,7 @@ static COMPLETION_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 
 /// Counts one answered request and its duration.
 pub(crate) fn request(route: &str, model: &str, status: u16, elapsed: Duration) {
+    crate::rate::record();
     REQUESTS
         .with_label_values(&[route, model, &status.to_string()])
         .inc();

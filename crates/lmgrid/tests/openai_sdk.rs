@@ -231,6 +231,16 @@ async fn the_openai_python_sdk_works_against_lmgrid_up() -> anyhow::Result<()> {
             "{needle} not in the metrics:\n{metrics}"
         );
     }
+    // The per-pod request rate for autoscaling counts what the SDK just sent.
+    let rate = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("lmgrid_gateway_request_rate "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .context("lmgrid_gateway_request_rate is not in the metrics")?;
+    ensure!(
+        rate > 0.0,
+        "lmgrid_gateway_request_rate is {rate} after the SDK's requests"
+    );
 
     let status = Command::new("kill")
         .arg("-TERM")
