@@ -10,12 +10,8 @@
 //! The model comes from `cargo xtask models`; `LMGRID_BENCH_SECONDS`
 //! (default 5) sets the measuring time per row.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lmgrid_core::config::{AdminConfig, GrpcConfig, NodeConfig, ShutdownConfig};
-use lmgrid_core::discovery::MemoryDiscovery;
 use lmgrid_proto::lmgrid::v1 as pb;
 use lmgrid_proto::lmgrid::v1::embedding_service_client::EmbeddingServiceClient;
 use lmgrid_worker::engine::{ProviderConfig, Runtime};
@@ -23,6 +19,9 @@ use ort::value::Tensor;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+mod support;
+use support::{models_dir, percentile_ms, worker_config};
 
 const MODEL: &str = "all-minilm-l6-v2";
 
@@ -45,21 +44,6 @@ struct Row {
     p99_ms: f64,
 }
 
-fn cache_dir() -> PathBuf {
-    std::env::var_os("LMGRID_CACHE_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/lmgrid")))
-        .unwrap_or_else(|| PathBuf::from(".cache/lmgrid"))
-}
-
-fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
-}
-
 fn texts(n: usize) -> Vec<String> {
     SENTENCES
         .iter()
@@ -75,7 +59,7 @@ fn main() -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5.0);
     let measure = Duration::from_secs_f64(seconds);
-    let dir = cache_dir().join("models").join(MODEL);
+    let dir = models_dir().join(MODEL);
     anyhow::ensure!(
         dir.join("1/model.onnx").is_file(),
         "{} is missing: run `cargo xtask models`",
@@ -107,27 +91,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     tokio.block_on(async {
         let shutdown = CancellationToken::new();
-        let worker = lmgrid_worker::Worker::start(lmgrid_worker::Config {
-            node: NodeConfig {
-                grpc: GrpcConfig {
-                    listen_addr: ([127, 0, 0, 1], 0).into(),
-                    advertise_addr: None,
-                },
-                admin: AdminConfig {
-                    enabled: false,
-                    ..AdminConfig::default()
-                },
-                shutdown: ShutdownConfig {
-                    drain_delay: Duration::ZERO,
-                    grace_period: Duration::from_secs(5),
-                },
-                in_process_discovery: Some(Arc::new(MemoryDiscovery::new())),
-                ..NodeConfig::default()
-            },
-            model_repository: Some(repo.path().to_path_buf()),
-            onnxruntime: Default::default(),
-        })
-        .await?;
+        let worker = lmgrid_worker::Worker::start(worker_config(repo.path())).await?;
         let addr = worker.grpc_addr();
         let table = worker.models();
         let task = tokio::spawn(worker.run(shutdown.clone()));

@@ -15,12 +15,8 @@
 //! measuring time per row, `LMGRID_BENCH_TOKENS` (default 64) the tokens per
 //! stream, `LMGRID_BENCH_VARIANTS` a comma-separated subset of variants.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lmgrid_core::config::{AdminConfig, GrpcConfig, NodeConfig, ShutdownConfig};
-use lmgrid_core::discovery::MemoryDiscovery;
 use lmgrid_proto::lmgrid::v1 as pb;
 use lmgrid_proto::lmgrid::v1::generation_service_client::GenerationServiceClient;
 use lmgrid_worker::engine::{ProviderConfig, Runtime};
@@ -28,6 +24,9 @@ use ort::value::{DynValue, Tensor};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+mod support;
+use support::{models_dir, percentile_ms, worker_config};
 
 const QUESTION: &str = "Write a long story about a lighthouse keeper and a storm.";
 const WIDTHS: [usize; 4] = [1, 4, 8, 16];
@@ -48,21 +47,6 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn cache_dir() -> PathBuf {
-    std::env::var_os("LMGRID_CACHE_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/lmgrid")))
-        .unwrap_or_else(|| PathBuf::from(".cache/lmgrid"))
-}
-
-fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
-}
-
 /// Resident and peak memory of this process, in MiB.
 fn memory_mib() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -81,7 +65,7 @@ fn main() -> anyhow::Result<()> {
     let seconds: f64 = env_or("LMGRID_BENCH_SECONDS", 10.0);
     let tokens: usize = env_or("LMGRID_BENCH_TOKENS", 64);
     let measure = Duration::from_secs_f64(seconds);
-    let models = cache_dir().join("models");
+    let models = models_dir();
     let variants: Vec<String> = std::env::var("LMGRID_BENCH_VARIANTS")
         .unwrap_or_else(|_| "smollm2-135m-instruct,smollm2-135m-instruct-fp32".into())
         .split(',')
@@ -201,29 +185,6 @@ fn main() -> anyhow::Result<()> {
 
 const RAW: &str = "raw ONNX Runtime";
 const WORKER: &str = "worker (GenerateStream)";
-
-fn worker_config(repo: &Path) -> lmgrid_worker::Config {
-    lmgrid_worker::Config {
-        node: NodeConfig {
-            grpc: GrpcConfig {
-                listen_addr: ([127, 0, 0, 1], 0).into(),
-                advertise_addr: None,
-            },
-            admin: AdminConfig {
-                enabled: false,
-                ..AdminConfig::default()
-            },
-            shutdown: ShutdownConfig {
-                drain_delay: Duration::ZERO,
-                grace_period: Duration::from_secs(5),
-            },
-            in_process_discovery: Some(Arc::new(MemoryDiscovery::new())),
-            ..NodeConfig::default()
-        },
-        model_repository: Some(repo.to_path_buf()),
-        onnxruntime: Default::default(),
-    }
-}
 
 fn value(shape: Vec<i64>, data: Vec<i64>) -> anyhow::Result<DynValue> {
     Ok(Tensor::from_array((shape, data))?.into_dyn())

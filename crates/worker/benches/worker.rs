@@ -12,11 +12,8 @@
 //! `LMGRID_BENCH_MLP=in,hidden,layers,out` and `LMGRID_BENCH_DELAY` (the
 //! batcher's `max_queue_delay`, default 200us).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lmgrid_core::config::{AdminConfig, GrpcConfig, NodeConfig, ShutdownConfig};
-use lmgrid_core::discovery::MemoryDiscovery;
 use lmgrid_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use lmgrid_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
 use lmgrid_test_support::onnx;
@@ -24,6 +21,9 @@ use lmgrid_worker::engine::{self, ProviderConfig, Runtime};
 use lmgrid_worker::tensor::{DataType, Tensor, TensorData};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+mod support;
+use support::{percentile_ms, worker_config};
 
 const MAX_BATCH: usize = 64;
 
@@ -36,14 +36,6 @@ struct Row {
     rows_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index].as_secs_f64() * 1e3
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,27 +89,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     tokio.block_on(async {
         let shutdown = CancellationToken::new();
-        let worker = lmgrid_worker::Worker::start(lmgrid_worker::Config {
-            node: NodeConfig {
-                grpc: GrpcConfig {
-                    listen_addr: ([127, 0, 0, 1], 0).into(),
-                    advertise_addr: None,
-                },
-                admin: AdminConfig {
-                    enabled: false,
-                    ..AdminConfig::default()
-                },
-                shutdown: ShutdownConfig {
-                    drain_delay: Duration::ZERO,
-                    grace_period: Duration::from_secs(5),
-                },
-                in_process_discovery: Some(Arc::new(MemoryDiscovery::new())),
-                ..NodeConfig::default()
-            },
-            model_repository: Some(dir.path().to_path_buf()),
-            onnxruntime: Default::default(),
-        })
-        .await?;
+        let worker = lmgrid_worker::Worker::start(worker_config(dir.path())).await?;
         let addr = worker.grpc_addr();
         let models = worker.models();
         let task = tokio::spawn(worker.run(shutdown.clone()));
@@ -207,8 +179,8 @@ fn raw_row(
         concurrency: 1,
         batch: batch.to_string(),
         rows_per_s: (latencies.len() * batch) as f64 / elapsed,
-        p50_ms: percentile(&latencies, 0.5),
-        p99_ms: percentile(&latencies, 0.99),
+        p50_ms: percentile_ms(&latencies, 0.5),
+        p99_ms: percentile_ms(&latencies, 0.99),
     })
 }
 
@@ -273,8 +245,8 @@ async fn load(
         concurrency,
         batch: "1/request".into(),
         rows_per_s: latencies.len() as f64 / measure.as_secs_f64(),
-        p50_ms: percentile(&latencies, 0.5),
-        p99_ms: percentile(&latencies, 0.99),
+        p50_ms: percentile_ms(&latencies, 0.5),
+        p99_ms: percentile_ms(&latencies, 0.99),
     })
 }
 
