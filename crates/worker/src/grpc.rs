@@ -235,15 +235,7 @@ impl WorkerApi {
         let result = self
             .infer_on(&model, &mut request, grpc_deadline, started)
             .await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(status) => status.code().description(),
-        };
-        model.metrics.request(outcome);
-        model
-            .metrics
-            .request_seconds
-            .observe(started.elapsed().as_secs_f64());
+        model.metrics.answered(&result, Some(started));
         result
     }
 
@@ -442,15 +434,7 @@ impl pb::generation_service_server::GenerationService for WorkerApi {
         let name = request.model.take().unwrap_or_default();
         let model = self.resolve(&name.name, &name.version)?;
         let result = service::generate(&model, request, deadline).await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(status) => status.code().description(),
-        };
-        model.metrics.request(outcome);
-        model
-            .metrics
-            .request_seconds
-            .observe(started.elapsed().as_secs_f64());
+        model.metrics.answered(&result, Some(started));
         result.map(Response::new)
     }
 
@@ -463,11 +447,7 @@ impl pb::generation_service_server::GenerationService for WorkerApi {
         let name = request.model.take().unwrap_or_default();
         let model = self.resolve(&name.name, &name.version)?;
         let result = service::generate_stream(&model, request, deadline).await;
-        if let Err(status) = &result {
-            model.metrics.request(status.code().description());
-        } else {
-            model.metrics.request("ok");
-        }
+        model.metrics.answered(&result, None);
         result.map(Response::new)
     }
 }
@@ -484,15 +464,7 @@ impl pb::embedding_service_server::EmbeddingService for WorkerApi {
         let name = request.model.take().unwrap_or_default();
         let model = self.resolve(&name.name, &name.version)?;
         let result = crate::embedding::embed(&model, request, deadline).await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(status) => status.code().description(),
-        };
-        model.metrics.request(outcome);
-        model
-            .metrics
-            .request_seconds
-            .observe(started.elapsed().as_secs_f64());
+        model.metrics.answered(&result, Some(started));
         result.map(Response::new)
     }
 }

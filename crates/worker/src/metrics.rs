@@ -123,6 +123,23 @@ impl VersionMetrics {
             .with_label_values(&[&self.model, &self.version, outcome])
             .inc();
     }
+
+    /// Counts a request by its result and, when `started` is given, observes
+    /// its duration (a stream's is unknown when it starts).
+    pub(crate) fn answered<T>(
+        &self,
+        result: &Result<T, tonic::Status>,
+        started: Option<std::time::Instant>,
+    ) {
+        self.request(match result {
+            Ok(_) => "ok",
+            Err(status) => status.code().description(),
+        });
+        if let Some(started) = started {
+            self.request_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
 }
 
 static GEN_RUNNING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
