@@ -84,6 +84,33 @@ impl GatewayApi {
     fn observe(&self, route: &'static str, model: &str, incoming: &Incoming) -> Observation {
         Observation::start(route, self.workers.label(model), &incoming.request_id)
     }
+
+    /// Forwards a question about a model (ready, metadata) to a worker
+    /// serving it, after authentication and the tenant's model check.
+    async fn about_model<M, R>(
+        &self,
+        request: Request<M>,
+        route: &'static str,
+        name: &str,
+        version: &str,
+    ) -> Result<Response<R>, Status>
+    where
+        M: crate::routing::Versioned,
+        R: prost::Message + Default + Send + Sync + 'static,
+    {
+        let incoming = Incoming::of(&request);
+        let caller = self.gate().and_then(|gate| gate.authenticate(&request));
+        let request = request.into_inner();
+        let observation = self.observe(route, name, &incoming);
+        let result = async {
+            self.gate()?.allow(&caller?, name, observation.model())?;
+            let plan = self.workers.plan(Target::about(name, version))?;
+            incoming.unary(&self.workers, &plan, route, request).await
+        }
+        .await;
+        observation.finish(&result);
+        incoming.answer(result)
+    }
 }
 
 #[tonic::async_trait]
@@ -106,23 +133,12 @@ impl oip_pb::grpc_inference_service_server::GrpcInferenceService for GatewayApi 
         &self,
         request: Request<oip_pb::ModelReadyRequest>,
     ) -> Result<Response<oip_pb::ModelReadyResponse>, Status> {
-        let incoming = Incoming::of(&request);
-        let caller = self.gate().and_then(|gate| gate.authenticate(&request));
-        let request = request.into_inner();
-        let observation = self.observe(routes::MODEL_READY, &request.name, &incoming);
-        let result = async {
-            self.gate()?
-                .allow(&caller?, &request.name, observation.model())?;
-            let plan = self
-                .workers
-                .plan(Target::about(&request.name, &request.version))?;
-            incoming
-                .unary(&self.workers, &plan, routes::MODEL_READY, request)
-                .await
-        }
-        .await;
-        observation.finish(&result);
-        incoming.answer(result)
+        let (name, version) = (
+            request.get_ref().name.clone(),
+            request.get_ref().version.clone(),
+        );
+        self.about_model(request, routes::MODEL_READY, &name, &version)
+            .await
     }
 
     async fn server_metadata(
@@ -136,23 +152,12 @@ impl oip_pb::grpc_inference_service_server::GrpcInferenceService for GatewayApi 
         &self,
         request: Request<oip_pb::ModelMetadataRequest>,
     ) -> Result<Response<oip_pb::ModelMetadataResponse>, Status> {
-        let incoming = Incoming::of(&request);
-        let caller = self.gate().and_then(|gate| gate.authenticate(&request));
-        let request = request.into_inner();
-        let observation = self.observe(routes::MODEL_METADATA, &request.name, &incoming);
-        let result = async {
-            self.gate()?
-                .allow(&caller?, &request.name, observation.model())?;
-            let plan = self
-                .workers
-                .plan(Target::about(&request.name, &request.version))?;
-            incoming
-                .unary(&self.workers, &plan, routes::MODEL_METADATA, request)
-                .await
-        }
-        .await;
-        observation.finish(&result);
-        incoming.answer(result)
+        let (name, version) = (
+            request.get_ref().name.clone(),
+            request.get_ref().version.clone(),
+        );
+        self.about_model(request, routes::MODEL_METADATA, &name, &version)
+            .await
     }
 
     async fn model_infer(
