@@ -10,8 +10,8 @@ exist yet, receives one of two variants of the same causal language model:
            8, accuracy_level 0) plus a small fp32 Gemm per quantized matmul adding back each
            block's offset, so the mapping is exact; fused Q/K/V and gate/up matmuls,
            `SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization`,
-           `RotaryEmbedding`, `FusedMatMul`, `QuickGelu`. The Q8_0 token embedding (tied to
-           the LM head) is an fp32 table for the lookup and for the head of a multi-row
+           `GroupQueryAttention` (rotary inside), `QuickGelu`. The Q8_0 token embedding (tied
+           to the LM head) is an fp32 table for the lookup and for the head of a multi-row
            batch; a single row's head runs on the same Q8_0 values written exactly as 4-bit
            MatMulNBits blocks (an If on the batch size), which reads 35 MB instead of 113.
     fp32   `smollm2-135m-instruct-fp32`: the same weights dequantized to fp32, plain ONNX
@@ -19,23 +19,32 @@ exist yet, receives one of two variants of the same causal language model:
 
 Each directory holds:
 
-    config.yaml          worker configuration (kind generation)
+    config.yaml          worker configuration (kind generation, the padding side)
     tokenizer.json       byte-level BPE built from the GGUF's tokens and merges
     chat_template.jinja  the GGUF's tokenizer.chat_template, verbatim
     1/model.onnx         the graph, weights embedded as initializers
 
-The graph interface is the same for both variants (B = batch, S = new tokens, P = cached
-tokens, T = P + S):
+The graph interface (B = batch, S = new tokens, P = cached positions, T = P + S):
 
     input_ids                     INT64 [B, S]
-    attention_mask                INT64 [B, T]    1 = token, 0 = padding (on the left)
-    position_ids                  INT64 [B, S]    positions counting only real tokens
+    attention_mask                INT64 [B, T]    1 = token, 0 = padding
+    position_ids                  INT64 [B, S]    fp32 only: positions counting real tokens
     past_key_values.{i}.key/value FP32  [B, 3, P, 64] for i in 0..30 (P may be 0)
-    -> logits                     FP32  [B, 1, 49152]  the last position of each row only
+    -> logits                     FP32  [B, 1, 49152]  each row's last new token only
     -> present.{i}.key/value      FP32  [B, 3, T, 64]  keys after rotary embedding
 
-Attention is built from plain operators (grouped-query by broadcasting, causal within the new
-tokens, key positions with attention_mask 0 masked with -1e9), so left-padded batches work.
+The two variants pad a batch's shorter rows on different sides:
+
+    fp32   left: every row's tokens end at the last column, new tokens are appended there.
+           Attention is built from plain operators (grouped-query by broadcasting, causal
+           within the new tokens, key positions with attention_mask 0 masked with -1e9).
+    q4     right: row b's cache holds its positions 0 .. L_b - 1 from column 0 and its new
+           tokens go right after them (GroupQueryAttention writes them at column L_b of the
+           present cache and reads its L_b + S keys, ignoring the columns after). L_b + S is
+           the row's mask sum; the mask's width is the longest row. Positions are L_b onward,
+           so the graph takes no position_ids. A multi-row prefill must be a first prompt
+           (P = 0); a later chunk of a prompt runs one row alone.
+
 The graph is built with numpy and onnx.helper; no PyTorch. Run by `cargo xtask models` in its
 own venv (see requirements.txt beside this file).
 """
@@ -57,6 +66,8 @@ MASK_VALUE = -1e9  # finite, so a query row with no visible key gives no NaN
 CONTROL_TOKEN_TYPE = 3  # llama.cpp's token type CONTROL
 
 NAMES = {"q4": "smollm2-135m-instruct", "fp32": "smollm2-135m-instruct-fp32"}
+# Which side a batch's shorter rows are padded on (see the module docstring).
+PADDING = {"q4": "right", "fp32": "left"}
 DESCRIPTIONS = {
     "q4": "4-bit MatMulNBits, exact Q4_1 mapping",
     "fp32": "fp32 reference, plain ONNX operators",
@@ -64,12 +75,13 @@ DESCRIPTIONS = {
 
 CONFIG_YAML = """\
 # SmolLM2-135M-Instruct ({description}), written by `cargo xtask models`.
-# A causal language model: input_ids, attention_mask (left padding), position_ids and the
+# A causal language model: input_ids, attention_mask ({padding} padding){positions} and the
 # past key/values of {layers} layers in; the last position's logits and the present
 # key/values out. See docs/models.md.
 kind: generation
 intra_op_threads: 2
 generation:
+  padding: {padding}
   context_length: {context_length}
   chat_template: chat_template.jinja
   bos_token: {bos_token}
@@ -437,9 +449,17 @@ def build_q4(gguf):
     half = dim // 2
     cos = g.const("rope.cos", np.ascontiguousarray(cos_table[:, :half]))
     sin = g.const("rope.sin", np.ascontiguousarray(sin_table[:, half:]))
-    bias = attention_bias(g)
+    # Right padding: row b's cached positions are 0 .. length_b - 1 and the new tokens follow
+    # them, so GroupQueryAttention reads each row's length off the mask.
+    lengths = g.op("ReduceSum", ["attention_mask", g.i64(1)], "lengths", keepdims=0)  # [B]
+    last_position = g.op("Sub", [lengths, g.i64(1)], "last_position")  # [B]
+    seqlens_k = g.op("Cast", [last_position], "seqlens_k", to=TensorProto.INT32)
+    total = g.op("Shape", ["attention_mask"], "total_1d", start=1, end=2)
+    total = g.op(
+        "Cast", [g.op("Squeeze", [total, g.i64(0)], "total_i64")], "total", to=TensorProto.INT32
+    )
     ids_shape = g.op("Shape", ["input_ids"], "ids_shape")  # [B, S]
-    qkv_shape = g.op("Concat", [ids_shape, g.i64(heads + 2 * kv, dim)], "qkv_shape", axis=0)
+    qkv_shape = g.op("Concat", [ids_shape, g.i64((heads + 2 * kv) * dim)], "qkv_shape", axis=0)
     indicators = {}
 
     def block_sums(x, k):
@@ -461,11 +481,32 @@ def build_q4(gguf):
         else:
             h, residual = skip_norm(g, x, residual, norm, gguf.eps)
         qkv = quantized_matmul(g, h, w["qkv"], p + "attn_qkv", block_sums)  # [T, 960]
-        qkv = g.op("Reshape", [qkv, qkv_shape], "qkv_bshd")
-        qkv = g.op("Transpose", [qkv], "qkv_bhsd", perm=[0, 2, 1, 3])  # [B, 15, S, 64]
-        qk, v = g.op("Split", [qkv, g.i64(heads + kv, kv)], "qk_v", outputs=2, axis=1)
-        qk = g.ms("RotaryEmbedding", [qk, "position_ids", cos, sin], "qk_rotated", interleaved=0)
-        context = attention(g, gguf, qk, v, layer, bias, fused=True)
+        qkv = g.op("Reshape", [qkv, qkv_shape], "qkv_bsh")  # [B, S, 960]
+        g.count += 1
+        context = f"context_{g.count}"
+        g.nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [
+                    qkv,
+                    "",
+                    "",
+                    f"past_key_values.{layer}.key",
+                    f"past_key_values.{layer}.value",
+                    seqlens_k,
+                    total,
+                    cos,
+                    sin,
+                ],
+                [context, f"present.{layer}.key", f"present.{layer}.value"],
+                name=f"GroupQueryAttention_{g.count}",
+                domain="com.microsoft",
+                num_heads=heads,
+                kv_num_heads=kv,
+                do_rotary=1,
+                rotary_interleaved=0,
+            )
+        )
         context = g.op("Reshape", [context, g.i64(-1, hidden)], "context_2d")  # [T, 576]
         x = quantized_matmul(g, context, w["o"], p + "attn_output", block_sums)
         norm = g.const(p + "ffn_norm.weight", w["ffn_norm"])
@@ -480,7 +521,12 @@ def build_q4(gguf):
     h, _ = skip_norm(g, x, residual, final_norm, gguf.eps)
     bsh = g.op("Concat", [ids_shape, g.i64(hidden)], "bsh", axis=0)
     h = g.op("Reshape", [h, bsh], "final_bsh")  # [B, S, 576]
-    last = g.op("Gather", [h, g.scalar_i64(-1)], "last", axis=1)  # [B, 576]
+    # Each row's last real new token: its last position for a right-padded first prompt
+    # (S = T), the last column when every row's new tokens follow its cache.
+    seq = g.op("Shape", ["input_ids"], "seq_1d", start=1, end=2)
+    last_index = g.op("Min", [last_position, g.op("Sub", [seq, g.i64(1)], "seq_last")], "last_index")
+    last_index = g.op("Unsqueeze", [last_index, g.i64(1)], "last_index_b1")  # [B, 1]
+    last = g.op("GatherND", [h, last_index], "last", batch_dims=1)  # [B, 576]
     # The tied LM head: 4 bits for one row (decoding a single sequence reads 35 MB instead of
     # 113 MB), the fp32 table for several (MatMulNBits is slower than fp32 Gemm there).
     batch = g.op("Shape", ["input_ids"], "batch_1d", start=0, end=1)
@@ -566,8 +612,11 @@ def finish(g, gguf, variant, opsets):
         helper.make_tensor_value_info(
             "attention_mask", TensorProto.INT64, ["batch", "total_sequence"]
         ),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
     ]
+    if variant == "fp32":  # the q4 graph's attention derives positions from the mask
+        inputs.append(
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])
+        )
     outputs = [
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, gguf.vocab])
     ]
@@ -652,6 +701,8 @@ def config_yaml(gguf, variant):
     ]
     return CONFIG_YAML.format(
         description=DESCRIPTIONS[variant],
+        padding=PADDING[variant],
+        positions=", position_ids" if variant == "fp32" else "",
         layers=gguf.layers,
         context_length=gguf.context_length,
         bos_token=yaml_string(tokens[int(meta["tokenizer.ggml.bos_token_id"])]),

@@ -32,11 +32,14 @@ from tokenizers import Tokenizer  # noqa: E402
 
 # Max abs difference of logits to the float64 reference, per variant.
 REFERENCE_TOLERANCE = {"fp32": 1e-3, "q4": 1e-3}
-# Max abs difference between a row of a left-padded batch and the same prompt alone. Not 0:
+# Max abs difference between a row of a padded batch and the same prompt alone. Not 0:
 # the matmul kernels sum in a different order for one row than for several (fp32 MLAS SGEMM
 # blocking; MatMulNBits has a separate one-row kernel), about 1e-5 relative to the logits.
 BATCH_TOLERANCE = {"fp32": 1e-4, "q4": 5e-4}
+# The padding side each variant's graph takes (its config.yaml's `padding`).
+PADDING = {"fp32": "left", "q4": "right"}
 DECODE_CHECK_STEPS = 4
+PREFILL_CHUNK = 16
 GREEDY_TOKENS = 12
 BENCH_STEPS = 64
 THREADS = 2
@@ -185,12 +188,15 @@ class Model:
         )
         self.layers = layers
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.positions = any(i.name == "position_ids" for i in self.session.get_inputs())
 
     def empty_cache(self, batch):
         return [np.zeros((batch, 3, 0, 64), np.float32) for _ in range(2 * self.layers)]
 
     def run(self, ids, mask, positions, cache):
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if self.positions:
+            feeds["position_ids"] = positions
         for i in range(self.layers):
             feeds[f"past_key_values.{i}.key"] = cache[2 * i]
             feeds[f"past_key_values.{i}.value"] = cache[2 * i + 1]
@@ -202,36 +208,57 @@ class Model:
         return named["logits"], present
 
 
-def left_padded(rows):
-    """input_ids, attention_mask, position_ids for token lists, padded on the left."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), 2, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    positions = np.zeros((len(rows), width), np.int64)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row) :] = row
-        mask[b, width - len(row) :] = 1
-        positions[b, width - len(row) :] = np.arange(len(row))
-    return ids, mask, positions
+class Batch:
+    """Token rows padded on one side (the variant's config.yaml says which): input_ids,
+    attention_mask and position_ids for a prefill, then for each decode step after it. Left:
+    every row's tokens end at the last column. Right: every row starts at column 0 and its
+    next token goes right after its own last one (the graph's attention reads the row's length
+    off the mask)."""
+
+    def __init__(self, rows, side):
+        self.side = side
+        self.lengths = np.array([len(r) for r in rows], np.int64)
+        self.width = int(self.lengths.max())
+        self.ids = np.full((len(rows), self.width), 2, np.int64)
+        self.positions = np.zeros((len(rows), self.width), np.int64)
+        for b, row in enumerate(rows):
+            at = slice(self.width - len(row), None) if side == "left" else slice(0, len(row))
+            self.ids[b, at] = row
+            self.positions[b, at] = np.arange(len(row))
+
+    def mask(self):
+        columns = np.arange(self.width)[None, :]
+        if self.side == "left":
+            return (columns >= self.width - self.lengths[:, None]).astype(np.int64)
+        return (columns < self.lengths[:, None]).astype(np.int64)
+
+    def prefill(self):
+        return self.ids, self.mask(), self.positions
+
+    def step(self, tokens):
+        """The inputs of the decode step that feeds `tokens` (one per row)."""
+        positions = self.lengths.reshape(-1, 1).copy()
+        self.lengths += 1
+        self.width += 1
+        return tokens.reshape(-1, 1).astype(np.int64), self.mask(), positions
 
 
-def decode_steps(model, rows, steps, forced=None):
-    """Greedy (or forced) decoding of a left-padded batch; returns per-step logits [B, V] and
-    the tokens generated."""
-    ids, mask, positions = left_padded(rows)
+def decode_steps(model, rows, steps, side, forced=None):
+    """Greedy (or forced) decoding of a padded batch; returns per-step logits [B, V] and the
+    tokens generated."""
+    batch = Batch(rows, side)
+    inputs = batch.prefill()
     cache = model.empty_cache(len(rows))
     logits_seen, tokens = [], []
     for step in range(steps + 1):
-        logits, cache = model.run(ids, mask, positions, cache)
+        logits, cache = model.run(*inputs, cache)
         logits = logits[:, 0, :]
         logits_seen.append(logits)
         if step == steps:
             break
         nxt = logits.argmax(axis=1) if forced is None else np.array(forced[step])
         tokens.append(nxt)
-        ids = nxt.reshape(-1, 1).astype(np.int64)
-        positions = positions[:, -1:] + 1
-        mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
+        inputs = batch.step(nxt)
     return logits_seen, tokens, cache
 
 
@@ -247,20 +274,19 @@ def graph_parts(graph, nodes, initializers):
     return nodes, initializers
 
 
-def weight_bytes_per_token(path, layers, batch, tokenizer):
+def weight_bytes_per_token(path, layers, batch, tokenizer, side):
     """Bytes of initializers one decode step at `batch` rows reads, per token: the nodes that
     ran (from ONNX Runtime's profile, so an If counts only the branch taken) and the
     initializers they take; a table read through Gather (or RotaryEmbedding's cos/sin
     caches) counts one row per token, anything else counts whole."""
     prompt = tokenizer.encode(chat("Hi")).ids
-    ids, mask, positions = left_padded([prompt] * batch)
+    rows = Batch([prompt] * batch, side)
     model = Model(path, layers)
-    logits, cache = model.run(ids, mask, positions, model.empty_cache(batch))
-    ids = logits[:, 0, :].argmax(axis=1).reshape(-1, 1).astype(np.int64)
-    mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+    logits, cache = model.run(*rows.prefill(), model.empty_cache(batch))
+    step = rows.step(logits[:, 0, :].argmax(axis=1))
     with tempfile.TemporaryDirectory() as scratch:
         profiled = Model(path, layers, profile_dir=scratch)  # the decode step alone
-        profiled.run(ids, mask, positions[:, -1:] + 1, cache)
+        profiled.run(*step, cache)
         events = json.loads(Path(profiled.session.end_profiling()).read_text())
     ran = {
         event["name"][: -len("_kernel_time")]
@@ -274,8 +300,10 @@ def weight_bytes_per_token(path, layers, batch, tokenizer):
         for slot, tensor in enumerate(node.input):
             if tensor not in initializers:
                 continue
-            lookup = (node.op_type == "Gather" and slot == 0) or (
-                node.op_type == "RotaryEmbedding" and slot in (2, 3)
+            lookup = (
+                (node.op_type == "Gather" and slot == 0)
+                or (node.op_type == "RotaryEmbedding" and slot in (2, 3))
+                or (node.op_type == "GroupQueryAttention" and slot in (7, 8))
             )
             (row_only if lookup else whole).add(tensor)
     total = 0.0
@@ -285,18 +313,13 @@ def weight_bytes_per_token(path, layers, batch, tokenizer):
     return total, len(ran)
 
 
-def throughput(model, tokenizer, batch):
+def throughput(model, tokenizer, batch, side):
     prompt = tokenizer.encode(chat("Tell me a story.")).ids
-    rows = [prompt[: len(prompt) - (b % 3)] for b in range(batch)]  # some left padding
-    ids, mask, positions = left_padded(rows)
-    cache = model.empty_cache(batch)
-    logits, cache = model.run(ids, mask, positions, cache)
+    rows = Batch([prompt[: len(prompt) - (b % 3)] for b in range(batch)], side)  # some padding
+    logits, cache = model.run(*rows.prefill(), model.empty_cache(batch))
     started = time.perf_counter()
     for _ in range(BENCH_STEPS):
-        ids = logits[:, 0, :].argmax(axis=1).reshape(-1, 1).astype(np.int64)
-        positions = positions[:, -1:] + 1
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        logits, cache = model.run(ids, mask, positions, cache)
+        logits, cache = model.run(*rows.step(logits[:, 0, :].argmax(axis=1)), cache)
     return batch * BENCH_STEPS / (time.perf_counter() - started)
 
 
@@ -320,6 +343,7 @@ def main():
     template = (model_dir / "chat_template.jinja").read_text()
     check(template == meta["tokenizer.chat_template"], "chat_template.jinja is the GGUF's template")
     config = (model_dir / "config.yaml").read_text()
+    side = PADDING[variant]
     for line in (
         "kind: generation",
         f"context_length: {meta['llama.context_length']}",
@@ -327,6 +351,7 @@ def main():
         'bos_token: "<|im_start|>"',
         'eos_token: "<|im_end|>"',
         "eos_token_ids: [2, 0]",
+        f"padding: {side}",
     ):
         check(line in config, f"config.yaml has `{line}`")
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -349,7 +374,7 @@ def main():
     # (a) prefill logits against float64.
     cache = []
     expected = ref.forward(prompt, cache)
-    logits, present = model.run(*left_padded([prompt]), model.empty_cache(1))
+    logits, present = model.run(*Batch([prompt], side).prefill(), model.empty_cache(1))
     diff = float(np.abs(logits[0, 0] - expected[-1]).max())
     limit = REFERENCE_TOLERANCE[variant]
     check(
@@ -374,7 +399,9 @@ def main():
         forced.append([following])
         expected_steps.append(ref.forward([following], cache)[-1])
         following = int(expected_steps[-1].argmax())
-    step_logits, _, onnx_cache = decode_steps(model, [prompt], DECODE_CHECK_STEPS, forced=forced)
+    step_logits, _, onnx_cache = decode_steps(
+        model, [prompt], DECODE_CHECK_STEPS, side, forced=forced
+    )
     diffs = [
         float(np.abs(step_logits[s + 1][0] - expected_steps[s]).max())
         for s in range(DECODE_CHECK_STEPS)
@@ -391,8 +418,8 @@ def main():
 
     # (c) a left-padded batch gives each row its batch-1 logits, prefill and decode.
     rows = [tokenizer.encode(p).ids for p in BATCH_PROMPTS]
-    alone = [decode_steps(model, [r], 3)[0] for r in rows]
-    batched = decode_steps(model, rows, 3)[0]
+    alone = [decode_steps(model, [r], 3, side)[0] for r in rows]
+    batched = decode_steps(model, rows, 3, side)[0]
     batch_diff = max(
         float(np.abs(batched[s][b] - alone[b][s][0]).max())
         for b in range(len(rows))
@@ -401,29 +428,45 @@ def main():
     blimit = BATCH_TOLERANCE[variant]
     check(
         batch_diff <= blimit,
-        f"left-padded batch of {len(rows)} ({[len(r) for r in rows]} tokens) vs alone, prefill + "
+        f"{side}-padded batch of {len(rows)} ({[len(r) for r in rows]} tokens) vs alone, prefill + "
         f"3 decode steps: max abs {batch_diff:.2e} (limit {blimit:g})",
     )
     check(bool(np.isfinite(np.stack(batched)).all()), "no NaN or infinity in a padded batch")
-    _, greedy, _ = decode_steps(model, [prompt], GREEDY_TOKENS)
+    # (d) a prompt prefilled in chunks (as the worker does with long prompts) gives the logits
+    # of one prefill.
+    chunked = model.empty_cache(1)
+    for start in range(0, len(prompt), PREFILL_CHUNK):
+        end = min(start + PREFILL_CHUNK, len(prompt))
+        chunk_logits, chunked = model.run(
+            np.array([prompt[start:end]], np.int64),
+            np.ones((1, end), np.int64),
+            np.arange(start, end, dtype=np.int64).reshape(1, -1),
+            chunked,
+        )
+    chunk_diff = float(np.abs(chunk_logits[0, 0] - logits[0, 0]).max())
+    check(
+        chunk_diff <= blimit,
+        f"prefill in chunks of {PREFILL_CHUNK} vs at once: max abs {chunk_diff:.2e} (limit {blimit:g})",
+    )
+    _, greedy, _ = decode_steps(model, [prompt], GREEDY_TOKENS, side)
     answer = [int(t[0]) for t in greedy]
     ends = [i for i, t in enumerate(answer) if t in (0, 2)]  # <|endoftext|>, <|im_end|>
     text = tokenizer.decode(answer[: ends[0]] if ends else answer)
     check("Paris" in text, f"greedy answer: {text!r}")
 
-    # (d) figures, with the reference's weights freed.
+    # (e) figures, with the reference's weights freed.
     del ref, cache
     onnx_path, layers = model_dir / "1" / "model.onnx", model.layers
     graph = onnx.load(str(onnx_path)).graph
     print(f"figure nodes {len(graph.node)} (main graph)")
     for batch in (1, 8):
-        nbytes, ran = weight_bytes_per_token(onnx_path, layers, batch, tokenizer)
+        nbytes, ran = weight_bytes_per_token(onnx_path, layers, batch, tokenizer, side)
         print(
             f"figure weight_bytes_per_token_batch{batch} {nbytes / 1e6:.1f} MB "
             f"({ran} kernels ran in the decode step, after ONNX Runtime's graph optimizations)"
         )
     for batch in (1, 8):
-        rate = throughput(model, tokenizer, batch)
+        rate = throughput(model, tokenizer, batch, side)
         print(f"figure tokens_per_s_batch{batch} {rate:.1f} ({BENCH_STEPS} decode steps)")
 
     if failures:

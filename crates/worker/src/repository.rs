@@ -88,10 +88,28 @@ impl ModelKind {
     }
 }
 
+/// Which side of a batch row its padding goes, as the decoder graph expects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Padding {
+    /// Every row's tokens end at the last column; new tokens are appended
+    /// there and the mask hides the padding before a shorter row (the layout
+    /// of decoders exported from Hugging Face models, which take
+    /// `position_ids`).
+    #[default]
+    Left,
+    /// Every row starts at column 0 and its new tokens follow its own last
+    /// one; the graph reads a row's length off the mask (sum of the row) and
+    /// ignores the columns after it — ONNX Runtime's `GroupQueryAttention`.
+    Right,
+}
+
 /// How a generation model decodes and how much KV cache it may hold.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GenerationConfig {
+    /// The padding side the decoder graph takes.
+    pub padding: Padding,
     /// Longest sequence (prompt + completion) the model supports.
     pub context_length: usize,
     /// The Jinja chat template, a file in the model directory. Absent: chat
@@ -118,6 +136,7 @@ pub struct GenerationConfig {
 impl Default for GenerationConfig {
     fn default() -> Self {
         GenerationConfig {
+            padding: Padding::Left,
             context_length: 2048,
             chat_template: None,
             bos_token: String::new(),

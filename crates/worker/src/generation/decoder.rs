@@ -1,19 +1,23 @@
 //! The decoder graph and its KV cache.
 //!
 //! A generation model's ONNX graph takes `input_ids`, `attention_mask`,
-//! `position_ids` (INT64) and `past_key_values.{i}.key|value` (FP32
-//! `[batch, kv_heads, past, head_dim]`), and returns `logits` (FP32
-//! `[batch, 1, vocab]`, the last position of each row) and
-//! `present.{i}.key|value` (`[batch, kv_heads, past + new, head_dim]`).
+//! `position_ids` (INT64; optional for right padding) and
+//! `past_key_values.{i}.key|value` (FP32 `[batch, kv_heads, past,
+//! head_dim]`), and returns `logits` (FP32 `[batch, 1, vocab]`, each row's
+//! last new token) and `present.{i}.key|value` (`[batch, kv_heads, past +
+//! new, head_dim]`).
 //!
-//! Rows of a batch are left-padded: each row's real tokens end at the last
-//! column, so its newest token and its logits line up with every other row's,
-//! and the attention mask hides the padding on the left.
+//! Rows of a batch are padded on the side the model's configuration names
+//! ([`Padding`]): left, each row's real positions end at the last column and
+//! new tokens are appended there; right, each row's real positions start at
+//! column 0 and the graph writes a row's new token right after its own last
+//! one, at the column its mask sum says.
 
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 
 use crate::engine::{EngineError, Signature};
+use crate::repository::Padding;
 use crate::tensor::DataType;
 
 /// The shape of a decoder, read from its graph.
@@ -22,20 +26,25 @@ pub(crate) struct DecoderSpec {
     pub layers: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// The padding side the graph takes.
+    pub padding: Padding,
+    /// Whether the graph takes `position_ids`.
+    pub positions: bool,
     /// `past_key_values.{i}.key`, `past_key_values.{i}.value`, … in layer order.
     past: Vec<String>,
     /// `present.{i}.key`, `present.{i}.value`, … in the same order.
     present: Vec<String>,
 }
 
-const REQUIRED_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "position_ids"];
-
 impl DecoderSpec {
-    /// Checks that a graph has the decoder interface; errors say what differs.
-    pub(crate) fn from_signature(signature: &Signature) -> Result<Self, String> {
+    /// Checks that a graph has the decoder interface for `padding`; errors
+    /// say what differs. A left-padded graph must take `position_ids` (its
+    /// rows' positions do not follow from their columns); a right-padded one
+    /// may.
+    pub(crate) fn from_signature(signature: &Signature, padding: Padding) -> Result<Self, String> {
         let input = |name: &str| signature.inputs.iter().find(|s| s.name == name);
         let output = |name: &str| signature.outputs.iter().find(|s| s.name == name);
-        for name in REQUIRED_INPUTS {
+        for name in ["input_ids", "attention_mask", "position_ids"] {
             match input(name) {
                 Some(spec) if spec.dtype == DataType::Int64 => {}
                 Some(spec) => {
@@ -43,6 +52,13 @@ impl DecoderSpec {
                         "input '{name}' is {:?}; a generation model needs INT64",
                         spec.dtype
                     ));
+                }
+                None if name == "position_ids" && padding == Padding::Right => {}
+                None if name == "position_ids" => {
+                    return Err(
+                        "a left-padded generation model needs an input 'position_ids' (or set generation.padding: right for a graph that reads positions off the mask)"
+                            .into(),
+                    );
                 }
                 None => return Err(format!("a generation model needs an input '{name}'")),
             }
@@ -97,6 +113,8 @@ impl DecoderSpec {
             layers,
             kv_heads,
             head_dim,
+            padding,
+            positions: input("position_ids").is_some(),
             past,
             present,
         })
@@ -117,7 +135,7 @@ pub(crate) struct Kv {
 }
 
 /// One row of a new batch: which cache it comes from, which row there, and
-/// how many real positions it has (right-aligned).
+/// how many real positions it has (at the padding's end of the row).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RowSource<'a> {
     pub kv: &'a Kv,
@@ -131,7 +149,8 @@ fn run_error(e: impl std::fmt::Display) -> EngineError {
 
 impl Kv {
     /// A new batch of `sources.len()` rows, `width` wide, each row's real
-    /// positions copied to the right end and zeros (masked) before them.
+    /// positions copied to the end of the row the padding leaves them at and
+    /// zeros (masked) beside them.
     pub(crate) fn gather(
         spec: &DecoderSpec,
         sources: &[RowSource<'_>],
@@ -155,7 +174,7 @@ impl Kv {
                 });
             }
             let mut out = vec![0f32; rows * h * width * d];
-            place_rows(&mut out, width, h, d, &placed);
+            place_rows(&mut out, width, h, d, &placed, spec.padding);
             values.push(tensor(vec![rows, h, width, d], out)?);
         }
         Ok(Kv {
@@ -202,14 +221,26 @@ struct Placed<'a> {
     len: usize,
 }
 
-/// Copies the last `len` positions of each source row into row `r` of `out`
-/// (`[rows, heads, width, dim]`), right-aligned.
-fn place_rows(out: &mut [f32], width: usize, heads: usize, dim: usize, sources: &[Placed<'_>]) {
+/// Copies the `len` real positions of each source row into row `r` of `out`
+/// (`[rows, heads, width, dim]`): the last `len` columns to the last ones
+/// for left padding, the first to the first for right padding.
+fn place_rows(
+    out: &mut [f32],
+    width: usize,
+    heads: usize,
+    dim: usize,
+    sources: &[Placed<'_>],
+    padding: Padding,
+) {
     for (r, source) in sources.iter().enumerate() {
         let len = source.len.min(width).min(source.width);
+        let (from_column, to_column) = match padding {
+            Padding::Left => (source.width - len, width - len),
+            Padding::Right => (0, 0),
+        };
         for head in 0..heads {
-            let from = ((source.row * heads + head) * source.width + source.width - len) * dim;
-            let to = ((r * heads + head) * width + width - len) * dim;
+            let from = ((source.row * heads + head) * source.width + from_column) * dim;
+            let to = ((r * heads + head) * width + to_column) * dim;
             out[to..to + len * dim].copy_from_slice(&source.data[from..from + len * dim]);
         }
     }
@@ -222,8 +253,8 @@ pub(crate) struct Decoder {
     pub spec: DecoderSpec,
 }
 
-/// A step's inputs: `rows × seq` tokens with their positions and the mask
-/// over `past + seq` columns.
+/// A step's inputs: `rows × seq` tokens with their positions (fed when the
+/// graph takes them) and the mask over `past + seq` columns.
 #[derive(Debug)]
 pub(crate) struct StepInput {
     pub ids: Vec<i64>,
@@ -253,7 +284,9 @@ impl Decoder {
         let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(3 + self.spec.past.len());
         inputs.push(("input_ids".into(), tensor(vec![rows, seq], ids)?));
         inputs.push(("attention_mask".into(), tensor(vec![rows, width], mask)?));
-        inputs.push(("position_ids".into(), tensor(vec![rows, seq], positions)?));
+        if self.spec.positions {
+            inputs.push(("position_ids".into(), tensor(vec![rows, seq], positions)?));
+        }
         for (name, value) in self.spec.past.iter().zip(past.values) {
             inputs.push((name.clone(), value));
         }
@@ -329,8 +362,9 @@ mod tests {
 
     #[test]
     fn the_decoder_interface_is_read_from_the_signature() {
-        let spec = DecoderSpec::from_signature(&decoder_signature(2)).unwrap();
+        let spec = DecoderSpec::from_signature(&decoder_signature(2), Padding::Left).unwrap();
         assert_eq!((spec.layers, spec.kv_heads, spec.head_dim), (2, 3, 64));
+        assert!(spec.positions);
         assert_eq!(spec.past[3], "past_key_values.1.value");
         assert_eq!(spec.present[3], "present.1.value");
         assert_eq!(spec.bytes_per_token(), 2 * 2 * 3 * 64 * 4);
@@ -354,9 +388,8 @@ mod tests {
                 len: 3,
             },
         ];
-        let mut out = vec![-1.0; 2 * 4 * 2];
-        out.iter_mut().for_each(|v| *v = 0.0);
-        place_rows(&mut out, 4, 1, 2, &placed);
+        let mut out = vec![0.0; 2 * 4 * 2];
+        place_rows(&mut out, 4, 1, 2, &placed, Padding::Left);
         assert_eq!(
             out,
             vec![
@@ -367,30 +400,71 @@ mod tests {
     }
 
     #[test]
+    fn right_padded_rows_are_placed_from_column_zero_with_zeros_after() {
+        // Source: 2 rows, 1 head, width 3, dim 2; row 1 has 2 real positions
+        // (columns 0 and 1; column 2 is what the graph wrote past its end).
+        let source: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let placed = [
+            Placed {
+                data: &source,
+                width: 3,
+                row: 1,
+                len: 2,
+            },
+            Placed {
+                data: &source,
+                width: 3,
+                row: 0,
+                len: 3,
+            },
+        ];
+        let mut out = vec![0.0; 2 * 4 * 2];
+        place_rows(&mut out, 4, 1, 2, &placed, Padding::Right);
+        assert_eq!(
+            out,
+            vec![
+                6.0, 7.0, 8.0, 9.0, 0.0, 0.0, 0.0, 0.0, // row 1's first 2 positions
+                0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0, // row 0 whole
+            ]
+        );
+    }
+
+    #[test]
+    fn position_ids_are_optional_only_for_right_padding() {
+        let mut signature = decoder_signature(1);
+        signature.inputs.remove(2);
+        let error = DecoderSpec::from_signature(&signature, Padding::Left).unwrap_err();
+        assert!(error.contains("position_ids"), "{error}");
+        let spec = DecoderSpec::from_signature(&signature, Padding::Right).unwrap();
+        assert!(!spec.positions);
+        assert_eq!(spec.padding, Padding::Right);
+    }
+
+    #[test]
     fn a_graph_without_the_interface_is_refused_with_the_reason() {
         let mut no_cache = decoder_signature(0);
         assert!(
-            DecoderSpec::from_signature(&no_cache)
+            DecoderSpec::from_signature(&no_cache, Padding::Left)
                 .unwrap_err()
                 .contains("past_key_values.0.key")
         );
         no_cache.inputs.remove(1);
         assert!(
-            DecoderSpec::from_signature(&no_cache)
+            DecoderSpec::from_signature(&no_cache, Padding::Left)
                 .unwrap_err()
                 .contains("attention_mask")
         );
         let mut no_present = decoder_signature(2);
         no_present.outputs.pop();
         assert!(
-            DecoderSpec::from_signature(&no_present)
+            DecoderSpec::from_signature(&no_present, Padding::Left)
                 .unwrap_err()
                 .contains("present.1.value")
         );
         let mut float_ids = decoder_signature(1);
         float_ids.inputs[0].dtype = DataType::Fp32;
         assert!(
-            DecoderSpec::from_signature(&float_ids)
+            DecoderSpec::from_signature(&float_ids, Padding::Left)
                 .unwrap_err()
                 .contains("INT64")
         );

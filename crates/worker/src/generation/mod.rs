@@ -126,7 +126,7 @@ impl Generator {
         tokenizer: &std::path::Path,
         chat_template: Option<String>,
     ) -> Result<Generator, String> {
-        let spec = DecoderSpec::from_signature(signature)?;
+        let spec = DecoderSpec::from_signature(signature, config.padding)?;
         let tokenizer = Tokenizer::from_file(tokenizer)
             .map_err(|e| format!("load tokenizer {}: {e}", tokenizer.display()))?;
         let vocab = tokenizer.get_vocab_size(true);

@@ -22,7 +22,7 @@ use super::sampling::Sampler;
 use super::text::{Detokenizer, StopMatcher};
 use super::{Event, Finish, Occupancy, Submission};
 use crate::metrics::GenerationMetrics;
-use crate::repository::GenerationConfig;
+use crate::repository::{GenerationConfig, Padding};
 
 /// One completion being decoded.
 #[derive(Debug)]
@@ -415,8 +415,18 @@ impl Scheduler {
         for seq in &self.running {
             ids.push(i64::from(seq.pending));
             positions.push(seq.kv_len as i64);
-            mask.extend(std::iter::repeat_n(0, width - seq.kv_len));
-            mask.extend(std::iter::repeat_n(1, seq.kv_len + 1));
+            // The row's cached positions and its new token, padding beside them.
+            let (real, padding) = (seq.kv_len + 1, width - seq.kv_len);
+            match self.decoder.spec.padding {
+                Padding::Left => {
+                    mask.extend(std::iter::repeat_n(0, padding));
+                    mask.extend(std::iter::repeat_n(1, real));
+                }
+                Padding::Right => {
+                    mask.extend(std::iter::repeat_n(1, real));
+                    mask.extend(std::iter::repeat_n(0, padding));
+                }
+            }
         }
         let started = Instant::now();
         let (logits, vocab, kv) = self.decoder.run(
