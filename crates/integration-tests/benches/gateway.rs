@@ -14,8 +14,11 @@
 //! The load generator shares the machine's cores with the worker and the gateway, so once
 //! the cores are saturated (concurrency 64 on a small machine) the throughput ratio is the
 //! ratio of CPU per request of the two paths, not what a gateway on cores of its own would
-//! allow; the CPU columns tell the two apart. `LMGRID_BENCH_SECONDS` sets the time per row
-//! (default 3 s, after 0.3 s of warm-up).
+//! allow; the CPU columns tell the two apart. Last, the same two gRPC paths call a model
+//! whose compute is of the order of a real one's (an MLP, 512 → 2048 × 2 → 512: 6.3 M
+//! weights, about a millisecond a request here), where the hop is a small part of a
+//! request's cost. `LMGRID_BENCH_SECONDS` sets the time per row (default 3 s, after 0.3 s
+//! of warm-up).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,8 +35,10 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-/// Floats per request.
+/// Floats per request to the identity model.
 const WIDTH: usize = 16;
+/// The MLP model's sizes: input, hidden, hidden layers, output.
+const MLP: (usize, usize, usize, usize) = (512, 2048, 2, 512);
 /// HTTP/2 connections each gRPC path's clients share.
 const CHANNELS: usize = 8;
 
@@ -69,10 +74,18 @@ fn main() -> anyhow::Result<()> {
         &[("1", &identity)],
         "max_batch_size: 64\n",
     )?;
+    let (input, hidden, layers, output) = MLP;
+    let mlp = onnx::mlp(input, hidden, layers, output, 7);
+    onnx::model_repository(
+        dir.path(),
+        "mlp",
+        &[("1", &mlp.model)],
+        "max_batch_size: 64\n",
+    )?;
     println!(
         "lmgrid gateway benchmark: identity on {WIDTH} FP32 (batching off), {seconds}s per row, \
          {} CPUs, worker + gateway + clients in one process",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        cpus()
     );
 
     let runtime = |name: &'static str| {
@@ -118,10 +131,12 @@ fn main() -> anyhow::Result<()> {
         let direct = channels(worker_addr).await?;
         let routed = channels(gateway_grpc).await?;
         wait_until_routed(&routed[0]).await?;
+        let id = infer_request("id", WIDTH);
         let mut rows = Vec::new();
         for concurrency in [1, 64] {
-            rows.push(grpc_row(DIRECT, None, &direct, concurrency, measure).await?);
-            rows.push(grpc_row(ROUTED, Some(DIRECT), &routed, concurrency, measure).await?);
+            rows.push(grpc_row(DIRECT, None, &direct, &id, concurrency, measure).await?);
+            let routed_row = grpc_row(ROUTED, Some(DIRECT), &routed, &id, concurrency, measure);
+            rows.push(routed_row.await?);
         }
         for concurrency in [1, 64] {
             rows.push(http_row(gateway_http, concurrency, measure).await?);
@@ -131,18 +146,35 @@ fn main() -> anyhow::Result<()> {
         match pin_gateway_apart() {
             Ok(()) => {
                 for concurrency in [1, 64] {
-                    rows.push(grpc_row(DIRECT_PINNED, None, &direct, concurrency, measure).await?);
+                    let direct_row =
+                        grpc_row(DIRECT_PINNED, None, &direct, &id, concurrency, measure);
+                    rows.push(direct_row.await?);
                     let routed_row = grpc_row(
                         ROUTED_PINNED,
                         Some(DIRECT_PINNED),
                         &routed,
+                        &id,
                         concurrency,
                         measure,
                     );
                     rows.push(routed_row.await?);
                 }
+                unpin()?;
             }
             Err(error) => println!("(no rows with the gateway on a core of its own: {error:#})"),
+        }
+        let mlp = infer_request("mlp", input);
+        for concurrency in [1, 64] {
+            rows.push(grpc_row(DIRECT_MLP, None, &direct, &mlp, concurrency, measure).await?);
+            let routed_row = grpc_row(
+                ROUTED_MLP,
+                Some(DIRECT_MLP),
+                &routed,
+                &mlp,
+                concurrency,
+                measure,
+            );
+            rows.push(routed_row.await?);
         }
         anyhow::Ok(rows)
     })?;
@@ -157,17 +189,35 @@ const DIRECT: &str = "worker direct (gRPC)";
 const ROUTED: &str = "through the gateway (gRPC)";
 const DIRECT_PINNED: &str = "worker direct (gRPC), clients + worker on core 0";
 const ROUTED_PINNED: &str = "through the gateway (gRPC), gateway on core 1";
+const DIRECT_MLP: &str = "worker direct (gRPC), MLP model";
+const ROUTED_MLP: &str = "through the gateway (gRPC), MLP model";
 
 /// Pins the gateway's threads to CPU 1 and every other thread to CPU 0, with `taskset`
 /// (thread ids are process ids to it), so that this crate needs no unsafe code.
 fn pin_gateway_apart() -> anyhow::Result<()> {
-    anyhow::ensure!(
-        std::thread::available_parallelism().map_or(0, |n| n.get()) >= 2,
-        "fewer than 2 CPUs"
-    );
+    anyhow::ensure!(cpus() >= 2, "fewer than 2 CPUs");
+    set_affinity("1", "0")
+}
+
+/// Lets every thread run on every CPU again.
+fn unpin() -> anyhow::Result<()> {
+    let all = format!("0-{}", cpus().max(1) - 1);
+    set_affinity(&all, &all)
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// Sets the CPU list of the gateway's threads and of every other thread of this process.
+fn set_affinity(gateway: &str, others: &str) -> anyhow::Result<()> {
     for task in std::fs::read_dir("/proc/self/task")?.flatten() {
         let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let cpu = if name.trim() == GATEWAY { "1" } else { "0" };
+        let cpu = if name.trim() == GATEWAY {
+            gateway
+        } else {
+            others
+        };
         let status = std::process::Command::new("taskset")
             .args(["-p", "-c", cpu])
             .arg(task.file_name())
@@ -212,14 +262,14 @@ async fn channels(addr: SocketAddr) -> anyhow::Result<Vec<Channel>> {
     Ok(channels)
 }
 
-fn infer_request() -> ModelInferRequest {
-    let x = onnx::random_f32(3, WIDTH);
+fn infer_request(model: &str, width: usize) -> ModelInferRequest {
+    let x = onnx::random_f32(3, width);
     ModelInferRequest {
-        model_name: "id".to_string(),
+        model_name: model.to_string(),
         inputs: vec![InferInputTensor {
             name: "x".into(),
             datatype: "FP32".into(),
-            shape: vec![1, WIDTH as i64],
+            shape: vec![1, width as i64],
             ..Default::default()
         }],
         raw_input_contents: vec![x.iter().flat_map(|v| v.to_le_bytes()).collect()],
@@ -232,7 +282,7 @@ async fn wait_until_routed(channel: &Channel) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut client = GrpcInferenceServiceClient::new(channel.clone());
     loop {
-        match client.model_infer(infer_request()).await {
+        match client.model_infer(infer_request("id", WIDTH)).await {
             Ok(_) => return Ok(()),
             Err(status) if Instant::now() > deadline => {
                 anyhow::bail!("the gateway never routed to the worker: {status}")
@@ -342,10 +392,10 @@ async fn grpc_row(
     path: &'static str,
     baseline: Option<&'static str>,
     channels: &[Channel],
+    request: &ModelInferRequest,
     concurrency: usize,
     measure: Duration,
 ) -> anyhow::Result<Row> {
-    let request = infer_request();
     let measured = drive(
         concurrency,
         measure,
@@ -490,6 +540,7 @@ fn print_table(rows: &[Row]) {
     for (routed, direct, how) in [
         (ROUTED, DIRECT, "sharing both cores"),
         (ROUTED_PINNED, DIRECT_PINNED, "on a core of its own"),
+        (ROUTED_MLP, DIRECT_MLP, "sharing both cores, MLP model"),
     ] {
         for concurrency in [1, 64] {
             if let (Some(d), Some(g)) = (find(direct, concurrency), find(routed, concurrency)) {

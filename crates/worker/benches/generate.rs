@@ -253,6 +253,7 @@ fn decode_cycle(
     let mut positions: Vec<i64> = (0..width).flat_map(|_| 0..prompt.len() as i64).collect();
     let mut seq = prompt.len();
     let mut len = 0usize;
+    let takes_positions = session.inputs().iter().any(|i| i.name() == "position_ids");
     for step in 0..steps {
         let mask = vec![1i64; width * (len + seq)];
         let mut inputs: Vec<(String, DynValue)> = vec![
@@ -264,11 +265,15 @@ fn decode_cycle(
                 "attention_mask".into(),
                 value(vec![width as i64, (len + seq) as i64], mask)?,
             ),
-            (
+        ];
+        // Rows of equal length: the same mask for left and right padding; a
+        // right-padded graph may take no positions.
+        if takes_positions {
+            inputs.push((
                 "position_ids".into(),
                 value(vec![width as i64, seq as i64], positions)?,
-            ),
-        ];
+            ));
+        }
         for (i, v) in past.into_iter().enumerate() {
             let part = if i % 2 == 0 { "key" } else { "value" };
             inputs.push((format!("past_key_values.{}.{part}", i / 2), v));
