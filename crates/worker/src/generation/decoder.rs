@@ -370,28 +370,25 @@ mod tests {
         assert_eq!(spec.bytes_per_token(), 2 * 2 * 3 * 64 * 4);
     }
 
+    /// Rows 1 (2 real positions) then 0 (3) of a source of 2 rows, 1 head,
+    /// width 3, dim 2 holding 0..12, placed into a batch 4 wide.
+    fn placed_pair(padding: Padding) -> Vec<f32> {
+        let source: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let placed = [(1, 2), (0, 3)].map(|(row, len)| Placed {
+            data: &source,
+            width: 3,
+            row,
+            len,
+        });
+        let mut out = vec![0.0; 2 * 4 * 2];
+        place_rows(&mut out, 4, 1, 2, &placed, padding);
+        out
+    }
+
     #[test]
     fn rows_are_placed_right_aligned_with_zeros_before() {
-        // Source: 2 rows, 1 head, width 3, dim 2; row 1 has 2 real positions.
-        let source: Vec<f32> = (0..12).map(|v| v as f32).collect();
-        let placed = [
-            Placed {
-                data: &source,
-                width: 3,
-                row: 1,
-                len: 2,
-            },
-            Placed {
-                data: &source,
-                width: 3,
-                row: 0,
-                len: 3,
-            },
-        ];
-        let mut out = vec![0.0; 2 * 4 * 2];
-        place_rows(&mut out, 4, 1, 2, &placed, Padding::Left);
         assert_eq!(
-            out,
+            placed_pair(Padding::Left),
             vec![
                 0.0, 0.0, 0.0, 0.0, 8.0, 9.0, 10.0, 11.0, // row 1's last 2 positions
                 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, // row 0 whole
@@ -401,27 +398,10 @@ mod tests {
 
     #[test]
     fn right_padded_rows_are_placed_from_column_zero_with_zeros_after() {
-        // Source: 2 rows, 1 head, width 3, dim 2; row 1 has 2 real positions
-        // (columns 0 and 1; column 2 is what the graph wrote past its end).
-        let source: Vec<f32> = (0..12).map(|v| v as f32).collect();
-        let placed = [
-            Placed {
-                data: &source,
-                width: 3,
-                row: 1,
-                len: 2,
-            },
-            Placed {
-                data: &source,
-                width: 3,
-                row: 0,
-                len: 3,
-            },
-        ];
-        let mut out = vec![0.0; 2 * 4 * 2];
-        place_rows(&mut out, 4, 1, 2, &placed, Padding::Right);
+        // Row 1's real positions are its columns 0 and 1; column 2 is what the
+        // graph wrote past its end.
         assert_eq!(
-            out,
+            placed_pair(Padding::Right),
             vec![
                 6.0, 7.0, 8.0, 9.0, 0.0, 0.0, 0.0, 0.0, // row 1's first 2 positions
                 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0, // row 0 whole
