@@ -310,7 +310,7 @@ def attention_bias(g):
     return g.op("Unsqueeze", [bias, g.i64(1)], "attn_bias")
 
 
-def attention(g, gguf, qk, v, layer, bias, fused):
+def attention(g, gguf, qk, v, layer, bias):
     """Grouped-query attention over the cache. qk [B, 12, S, 64]: the 9 query heads then the 3
     key heads, rotated; v [B, 3, S, 64]. Writes present.{layer}.key/value [B, 3, T, 64] and
     returns the context as [B, S, 3, 3, 64] (head h at [h // 3, h % 3]), for the caller to
@@ -326,11 +326,8 @@ def attention(g, gguf, qk, v, layer, bias, fused):
     q = g.op("Reshape", [q, g.i64(0, kv, heads // kv, -1, dim)], "q_groups")  # [B, 3, 3, S, 64]
     q = g.op("Transpose", [q], "q_by_group", perm=[2, 0, 1, 3, 4])  # [3, B, 3, S, 64]
     scale = 1.0 / np.sqrt(dim)
-    if fused:
-        scores = g.ms("FusedMatMul", [q, key], "scores", transB=1, alpha=scale)
-    else:
-        key_t = g.op("Transpose", [key], "key_t", perm=[0, 1, 3, 2])  # [B, 3, 64, T]
-        scores = g.op("Mul", [g.op("MatMul", [q, key_t], "qk"), g.f32(scale)], "scores")
+    key_t = g.op("Transpose", [key], "key_t", perm=[0, 1, 3, 2])  # [B, 3, 64, T]
+    scores = g.op("Mul", [g.op("MatMul", [q, key_t], "qk"), g.f32(scale)], "scores")
     scores = g.op("Add", [scores, bias], "scores_masked")  # [3, B, 3, S, T]
     probs = g.op("Softmax", [scores], "probs", axis=-1)
     context = g.op("MatMul", [probs, value], "context")  # [3, B, 3, S, 64]
@@ -384,7 +381,7 @@ def build_fp32(gguf):
         qkv = g.op("Reshape", [qkv, g.i64(0, 0, heads + 2 * kv, dim)], "qkv_bshd")
         qkv = g.op("Transpose", [qkv], "qkv_bhsd", perm=[0, 2, 1, 3])  # [B, 15, S, 64]
         qk, v = g.op("Split", [qkv, g.i64(heads + kv, kv)], "qk_v", outputs=2, axis=1)
-        context = attention(g, gguf, rotate(g, qk, cos, sin), v, layer, bias, fused=False)
+        context = attention(g, gguf, rotate(g, qk, cos, sin), v, layer, bias)
         context = g.op("Reshape", [context, g.i64(0, 0, hidden)], "context_merged")
         o_t = g.const(p + "attn_output.weight_t", w["o"].dequantize().T)
         o = g.op("MatMul", [context, o_t], "o")
