@@ -277,8 +277,9 @@ def graph_parts(graph, nodes, initializers):
 def weight_bytes_per_token(path, layers, batch, tokenizer, side):
     """Bytes of initializers one decode step at `batch` rows reads, per token: the nodes that
     ran (from ONNX Runtime's profile, so an If counts only the branch taken) and the
-    initializers they take; a table read through Gather (or RotaryEmbedding's cos/sin
-    caches) counts one row per token, anything else counts whole."""
+    initializers they take; a table read through Gather (or the cos/sin caches of
+    RotaryEmbedding or GroupQueryAttention) counts one row per token, anything else counts
+    whole."""
     prompt = tokenizer.encode(chat("Hi")).ids
     rows = Batch([prompt] * batch, side)
     model = Model(path, layers)
