@@ -171,6 +171,19 @@ impl Admitted {
     }
 
     /// Counts the call, failed or not.
+    /// Records a unary call's usage (read from its response by `usage`) and
+    /// finishes it, failed when the call failed.
+    pub(crate) fn settle<T>(
+        self,
+        response: &Result<tonic::Response<T>, tonic::Status>,
+        usage: impl FnOnce(&T) -> Option<&pb::Usage>,
+    ) {
+        if let Ok(response) = response {
+            self.record_usage(usage(response.get_ref()));
+        }
+        self.finish(response.is_err());
+    }
+
     pub(crate) fn finish(mut self, failed: bool) {
         self.finished = true;
         self.usage.request(&self.tenant, &self.label, failed);

@@ -218,21 +218,12 @@ impl pb::generation_service_server::GenerationService for GatewayApi {
             let response = incoming
                 .unary::<_, pb::GenerateResponse>(&self.workers, &plan, routes::GENERATE, request)
                 .await;
-            if let Ok(response) = &response {
-                admitted.record_usage(response.get_ref().usage.as_ref());
-            }
-            admitted.finish(response.is_err());
+            admitted.settle(&response, |r| r.usage.as_ref());
             response
         }
         .await;
-        if let Ok(response) = &result
-            && let Some(usage) = response.get_ref().usage
-        {
-            metrics::tokens(
-                observation.model(),
-                usage.prompt_tokens,
-                usage.completion_tokens,
-            );
+        if let Ok(response) = &result {
+            count_tokens(&observation, response.get_ref().usage.as_ref());
         }
         observation.finish(&result);
         incoming.answer(result)
@@ -345,21 +336,12 @@ impl pb::embedding_service_server::EmbeddingService for GatewayApi {
             let response = incoming
                 .unary::<_, pb::EmbedResponse>(&self.workers, &plan, routes::EMBED, request)
                 .await;
-            if let Ok(response) = &response {
-                admitted.record_usage(response.get_ref().usage.as_ref());
-            }
-            admitted.finish(response.is_err());
+            admitted.settle(&response, |r| r.usage.as_ref());
             response
         }
         .await;
-        if let Ok(response) = &result
-            && let Some(usage) = response.get_ref().usage
-        {
-            metrics::tokens(
-                observation.model(),
-                usage.prompt_tokens,
-                usage.completion_tokens,
-            );
+        if let Ok(response) = &result {
+            count_tokens(&observation, response.get_ref().usage.as_ref());
         }
         observation.finish(&result);
         incoming.answer(result)
@@ -409,5 +391,16 @@ impl pb::job_service_server::JobService for GatewayApi {
         _: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobResult>, Status> {
         Err(not_yet_implemented("GetJobResult", JOBS_ISSUE))
+    }
+}
+
+/// Counts a call's tokens, as the worker reported them, in the gateway's metrics.
+fn count_tokens(observation: &Observation, usage: Option<&pb::Usage>) {
+    if let Some(usage) = usage {
+        metrics::tokens(
+            observation.model(),
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        );
     }
 }
