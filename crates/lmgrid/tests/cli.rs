@@ -2,29 +2,26 @@
 //! and their exit status, `--help`, discovery and signals of a real `lmgrid worker` process,
 //! and a whole `lmgrid up` platform on free ports, serving an ONNX model on its public port.
 
-use std::fs::File;
+mod common;
+
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use common::{PATIENCE, Running, free_addrs, http_get, lmgrid, run_service, worker_command};
 use lmgrid_core::config::EtcdConfig;
 use lmgrid_core::discovery::{Discovery as _, EtcdDiscovery, Membership};
 use lmgrid_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use lmgrid_proto::inference::model_infer_request::InferInputTensor;
 use lmgrid_proto::inference::{InferTensorContents, ModelInferRequest};
 use lmgrid_test_support::onnx;
-use lmgrid_test_support::{EtcdServer, free_port, wait_until};
-use tempfile::TempDir;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use lmgrid_test_support::{EtcdServer, wait_until};
 use tokio::time::Instant;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-const LMGRID: &str = env!("CARGO_BIN_EXE_lmgrid");
 
 /// The subcommands that run one service each.
 const SERVICE_SUBCOMMANDS: [&str; 5] = ["gateway", "dispatcher", "worker", "registry", "notify"];
@@ -32,121 +29,9 @@ const SERVICE_SUBCOMMANDS: [&str; 5] = ["gateway", "dispatcher", "worker", "regi
 /// Exit status for invalid configuration (EX_USAGE).
 const EXIT_CONFIG: i32 = 64;
 
-/// How long a process gets to start, register, answer, or exit. Generous, because tests run
-/// on small, busy machines; only the TTL bounds below are about speed.
-const PATIENCE: Duration = Duration::from_secs(30);
-
 /// What etcd may add to a lease's TTL before a killed instance's record is gone: it looks for
 /// expired leases every half second, then commits the deletion.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
-
-/// An `lmgrid` command that inherits none of the caller's lmgrid settings.
-fn lmgrid() -> Command {
-    let mut command = Command::new(LMGRID);
-    for (key, _) in std::env::vars_os() {
-        if key.to_str().is_some_and(|key| key.starts_with("LMGRID")) {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
-/// A running `lmgrid` process with its output in files; killed and reaped on drop, and its
-/// stderr printed if the test is failing.
-struct Running {
-    child: Child,
-    dir: TempDir,
-    what: String,
-}
-
-impl Running {
-    fn spawn(command: &mut Command, what: &str) -> anyhow::Result<Running> {
-        let dir = tempfile::tempdir()?;
-        let stdout = File::create(dir.path().join("stdout"))?;
-        let stderr = File::create(dir.path().join("stderr"))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("spawn {what}"))?;
-        Ok(Running {
-            child,
-            dir,
-            what: what.to_string(),
-        })
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM, as Kubernetes does to stop a pod.
-    fn terminate(&self) -> anyhow::Result<()> {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .context("run kill")?;
-        anyhow::ensure!(status.success(), "kill -TERM {} failed", self.child.id());
-        Ok(())
-    }
-
-    /// Waits for the process to exit, at most `timeout`.
-    async fn exit_status(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!("{} still running after {timeout:?}", self.what);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- stdout of {what} ---\n{}--- stderr of {what} ---\n{}",
-                self.stdout(),
-                self.stderr(),
-                what = self.what,
-            );
-        }
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs a service subcommand with `yaml` as its config file (if any) and `env` added, and
-/// returns how it exited and its stderr.
-async fn run_service(
-    subcommand: &str,
-    yaml: Option<&str>,
-    env: &[(&str, &str)],
-) -> anyhow::Result<(ExitStatus, String)> {
-    let dir = tempfile::tempdir()?;
-    let mut command = lmgrid();
-    command.arg(subcommand).envs(env.iter().copied());
-    if let Some(yaml) = yaml {
-        let path = dir.path().join("config.yaml");
-        std::fs::write(&path, yaml)?;
-        command.arg("--config").arg(&path);
-    }
-    let mut running = Running::spawn(&mut command, &format!("lmgrid {subcommand}"))?;
-    let status = running.exit_status(PATIENCE).await?;
-    Ok((status, running.stderr()))
-}
 
 /// Asserts that `subcommand` with this config exits 64 naming `key` on stderr.
 async fn assert_config_error(
@@ -265,50 +150,6 @@ fn help_describes_every_subcommand() {
         let usage = format!("Usage: lmgrid {subcommand}");
         assert!(stdout.contains(&usage), "{subcommand}: {stdout}");
     }
-}
-
-/// `lmgrid worker` registering in `etcd` under `prefix` as `id`, on free loopback ports.
-struct WorkerProcess {
-    command: Command,
-    grpc_addr: SocketAddr,
-    admin_addr: SocketAddr,
-}
-
-fn worker_command(
-    etcd: &EtcdServer,
-    prefix: &str,
-    id: &str,
-    lease_ttl: &str,
-    drain_delay: &str,
-) -> WorkerProcess {
-    let [grpc_addr, admin_addr] = free_addrs();
-    let mut command = lmgrid();
-    command
-        .arg("worker")
-        .env("LMGRID__NODE__INSTANCE_ID", id)
-        .env("LMGRID__NODE__GRPC__LISTEN_ADDR", grpc_addr.to_string())
-        .env("LMGRID__NODE__ADMIN__LISTEN_ADDR", admin_addr.to_string())
-        .env(
-            "LMGRID__NODE__DISCOVERY__ETCD__ENDPOINTS",
-            format!("[{}]", etcd.endpoint()),
-        )
-        .env("LMGRID__NODE__DISCOVERY__ETCD__PREFIX", prefix)
-        .env("LMGRID__NODE__DISCOVERY__ETCD__LEASE_TTL", lease_ttl)
-        .env("LMGRID__NODE__SHUTDOWN__DRAIN_DELAY", drain_delay);
-    WorkerProcess {
-        command,
-        grpc_addr,
-        admin_addr,
-    }
-}
-
-/// Two distinct loopback addresses whose ports were free a moment ago.
-fn free_addrs() -> [SocketAddr; 2] {
-    let first = free_port();
-    let second = std::iter::repeat_with(free_port)
-        .find(|&port| port != first)
-        .expect("an endless supply of ports");
-    [first, second].map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 /// Watches the workers under `prefix` over a connection of the test's own.
@@ -572,32 +413,6 @@ fn promtool_check_metrics(text: &str) -> anyhow::Result<()> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(())
-}
-
-/// `GET path` over HTTP/1.0, which the server answers and then closes; returns the status
-/// and the body.
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
-    };
-    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .context("no answer within 5s")?
-        .with_context(|| format!("GET http://{addr}{path}"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("malformed response {response:?}"))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("malformed status line in {head:?}"))?;
-    Ok((status, body.to_string()))
 }
 
 /// The `grpc.health.v1` status of `service` at `addr`, over a new connection.
