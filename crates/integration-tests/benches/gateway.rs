@@ -47,6 +47,8 @@ const CHANNELS: usize = 8;
 const CLIENT: &str = "bench-client";
 const GATEWAY: &str = "bench-gateway";
 const WORKER: &str = "bench-worker";
+/// The start of the worker's model execution threads' names (`ort-{model}-{version}-{i}`).
+const EXECUTION: &str = "ort-";
 
 struct Row {
     path: &'static str,
@@ -58,6 +60,8 @@ struct Row {
     p99_ms: f64,
     /// CPU microseconds per request: client, gateway, worker.
     cpu_us: [f64; 3],
+    /// The model execution thread's CPU time over the row's wall time.
+    model_busy: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -127,54 +131,49 @@ fn main() -> anyhow::Result<()> {
     let (gateway_grpc, gateway_http) = (gateway.grpc_addr(), gateway.http_addr());
     let gateway_task = gateways.spawn(gateway.run(shutdown.clone()));
 
+    let groups = RowGroups::from_env()?;
     let rows = clients.block_on(async {
         let direct = channels(worker_addr).await?;
         let routed = channels(gateway_grpc).await?;
         wait_until_routed(&routed[0]).await?;
         let id = infer_request("id", WIDTH);
         let mut rows = Vec::new();
-        for concurrency in [1, 64] {
-            rows.push(grpc_row(DIRECT, None, &direct, &id, concurrency, measure).await?);
-            let routed_row = grpc_row(ROUTED, Some(DIRECT), &routed, &id, concurrency, measure);
-            rows.push(routed_row.await?);
+        if groups.identity {
+            for concurrency in [1, 64] {
+                let pair = grpc_pair((DIRECT, ROUTED), (&direct, &routed), &id, concurrency);
+                rows.extend(pair.run(measure).await?);
+            }
         }
-        for concurrency in [1, 64] {
-            rows.push(http_row(gateway_http, concurrency, measure).await?);
+        if groups.rest {
+            for concurrency in [1, 64] {
+                rows.push(http_row(gateway_http, concurrency, measure).await?);
+            }
         }
         // As deployed, the gateway does not share cores with the worker: the clients and
         // the worker on one core, the gateway on the other.
-        match pin_gateway_apart() {
-            Ok(()) => {
+        match pin_gateway_apart_if(groups.pinned) {
+            Ok(Some(all)) => {
                 for concurrency in [1, 64] {
-                    let direct_row =
-                        grpc_row(DIRECT_PINNED, None, &direct, &id, concurrency, measure);
-                    rows.push(direct_row.await?);
-                    let routed_row = grpc_row(
-                        ROUTED_PINNED,
-                        Some(DIRECT_PINNED),
-                        &routed,
-                        &id,
-                        concurrency,
-                        measure,
-                    );
-                    rows.push(routed_row.await?);
+                    let paths = (DIRECT_PINNED, ROUTED_PINNED);
+                    let pair = grpc_pair(paths, (&direct, &routed), &id, concurrency);
+                    rows.extend(pair.run(measure).await?);
                 }
-                unpin()?;
+                unpin(&all)?;
             }
+            Ok(None) => {}
             Err(error) => println!("(no rows with the gateway on a core of its own: {error:#})"),
         }
-        let mlp = infer_request("mlp", input);
-        for concurrency in [1, 64] {
-            rows.push(grpc_row(DIRECT_MLP, None, &direct, &mlp, concurrency, measure).await?);
-            let routed_row = grpc_row(
-                ROUTED_MLP,
-                Some(DIRECT_MLP),
-                &routed,
-                &mlp,
-                concurrency,
-                measure,
-            );
-            rows.push(routed_row.await?);
+        if groups.mlp {
+            let mlp = infer_request("mlp", input);
+            for concurrency in [1, 64] {
+                let pair = grpc_pair(
+                    (DIRECT_MLP, ROUTED_MLP),
+                    (&direct, &routed),
+                    &mlp,
+                    concurrency,
+                );
+                rows.extend(pair.run(measure).await?);
+            }
         }
         anyhow::Ok(rows)
     })?;
@@ -185,6 +184,46 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which groups of rows to run: `LMGRID_BENCH_ROWS`, a comma-separated subset of
+/// `identity,rest,pinned,mlp`; all of them when unset.
+struct RowGroups {
+    identity: bool,
+    rest: bool,
+    pinned: bool,
+    mlp: bool,
+}
+
+impl RowGroups {
+    fn from_env() -> anyhow::Result<RowGroups> {
+        let Ok(list) = std::env::var("LMGRID_BENCH_ROWS") else {
+            return Ok(RowGroups {
+                identity: true,
+                rest: true,
+                pinned: true,
+                mlp: true,
+            });
+        };
+        let mut groups = RowGroups {
+            identity: false,
+            rest: false,
+            pinned: false,
+            mlp: false,
+        };
+        for group in list.split(',').map(str::trim).filter(|g| !g.is_empty()) {
+            match group {
+                "identity" => groups.identity = true,
+                "rest" => groups.rest = true,
+                "pinned" => groups.pinned = true,
+                "mlp" => groups.mlp = true,
+                other => anyhow::bail!(
+                    "LMGRID_BENCH_ROWS: unknown group {other:?} (identity, rest, pinned, mlp)"
+                ),
+            }
+        }
+        Ok(groups)
+    }
+}
+
 const DIRECT: &str = "worker direct (gRPC)";
 const ROUTED: &str = "through the gateway (gRPC)";
 const DIRECT_PINNED: &str = "worker direct (gRPC), clients + worker on core 0";
@@ -193,16 +232,41 @@ const DIRECT_MLP: &str = "worker direct (gRPC), MLP model";
 const ROUTED_MLP: &str = "through the gateway (gRPC), MLP model";
 
 /// Pins the gateway's threads to CPU 1 and every other thread to CPU 0, with `taskset`
-/// (thread ids are process ids to it), so that this crate needs no unsafe code.
-fn pin_gateway_apart() -> anyhow::Result<()> {
+/// (thread ids are process ids to it), so that this crate needs no unsafe code, when
+/// `wanted`; returns the CPU list it was run with, for [`unpin`].
+fn pin_gateway_apart_if(wanted: bool) -> anyhow::Result<Option<String>> {
+    if !wanted {
+        return Ok(None);
+    }
     anyhow::ensure!(cpus() >= 2, "fewer than 2 CPUs");
-    set_affinity("1", "0")
+    let all = allowed_cpus(std::path::Path::new("/proc/self"))?;
+    set_affinity("1", "0")?;
+    Ok(Some(all))
 }
 
-/// Lets every thread run on every CPU again.
-fn unpin() -> anyhow::Result<()> {
-    let all = format!("0-{}", cpus().max(1) - 1);
-    set_affinity(&all, &all)
+/// Lets every thread run on the CPUs the process started with (`all`, from before pinning:
+/// once pinned, `available_parallelism` itself sees one CPU), and checks that each does.
+fn unpin(all: &str) -> anyhow::Result<()> {
+    set_affinity(all, all)?;
+    for task in std::fs::read_dir("/proc/self/task")?.flatten() {
+        let cpus = allowed_cpus(&task.path())?;
+        anyhow::ensure!(
+            cpus == all,
+            "thread {:?} still on CPUs {cpus}",
+            task.file_name()
+        );
+    }
+    Ok(())
+}
+
+/// The `Cpus_allowed_list` of a process or thread (its `/proc` directory).
+fn allowed_cpus(dir: &std::path::Path) -> anyhow::Result<String> {
+    let status = std::fs::read_to_string(dir.join("status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|list| list.trim().to_string())
+        .context("no Cpus_allowed_list in /proc status")
 }
 
 fn cpus() -> usize {
@@ -329,6 +393,7 @@ where
     let before = cpu_by_role();
     tokio::time::sleep_until(end.into()).await;
     let spent = cpu_by_role();
+    let model_busy = (spent[3] - before[3]).as_secs_f64() / measure.as_secs_f64();
     let mut latencies = Vec::new();
     for task in tasks {
         latencies.extend(task.await??);
@@ -341,6 +406,7 @@ where
         per_second: latencies.len() as f64 / measure.as_secs_f64(),
         latencies,
         cpu_us,
+        model_busy,
     })
 }
 
@@ -350,14 +416,43 @@ struct Measured {
     latencies: Vec<Duration>,
     per_second: f64,
     cpu_us: [f64; 3],
+    /// CPU time of the model's execution thread (the batcher's, which runs ONNX Runtime)
+    /// over the row's wall time: below 1 while requests wait, that thread sat idle.
+    model_busy: f64,
+}
+
+impl Measured {
+    /// Slices of equal length as one measurement.
+    fn merge(slices: Vec<Measured>) -> Measured {
+        let n = slices.len().max(1) as f64;
+        let requests: usize = slices.iter().map(|m| m.latencies.len()).sum();
+        let cpu_us = std::array::from_fn(|i| {
+            let total: f64 = slices
+                .iter()
+                .map(|m| m.cpu_us[i] * m.latencies.len() as f64)
+                .sum();
+            total / requests.max(1) as f64
+        });
+        let per_second = slices.iter().map(|m| m.per_second).sum::<f64>() / n;
+        let model_busy = slices.iter().map(|m| m.model_busy).sum::<f64>() / n;
+        let mut latencies: Vec<Duration> = slices.into_iter().flat_map(|m| m.latencies).collect();
+        latencies.sort();
+        Measured {
+            latencies,
+            per_second,
+            cpu_us,
+            model_busy,
+        }
+    }
 }
 
 /// CPU time (user + system) of this process's threads so far, by role: client, gateway,
-/// worker. Read from `/proc/self/task/*/stat`, in clock ticks of 10 ms; threads that
+/// worker, and (a part of the worker's) the model execution threads, the last exactly where
+/// the kernel tells (below). Read from `/proc/self/task/*/stat`, in clock ticks of 10 ms; threads that
 /// ended are not counted, so the difference of two readings over a row is what the threads
 /// alive through it spent.
-fn cpu_by_role() -> [Duration; 3] {
-    let mut spent = [Duration::ZERO; 3];
+fn cpu_by_role() -> [Duration; 4] {
+    let mut spent = [Duration::ZERO; 4];
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return spent;
     };
@@ -378,25 +473,90 @@ fn cpu_by_role() -> [Duration; 3] {
             .iter()
             .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
             .sum();
+        let ticks = Duration::from_millis(ticks * 10);
         let role = match name.trim() {
             CLIENT => 0,
             GATEWAY => 1,
             _ => 2,
         };
-        spent[role] += Duration::from_millis(ticks * 10);
+        spent[role] += ticks;
+        if name.starts_with(EXECUTION) {
+            spent[3] += exact_runtime(&path).unwrap_or(ticks);
+        }
     }
     spent
 }
 
-async fn grpc_row(
-    path: &'static str,
-    baseline: Option<&'static str>,
+/// A thread's CPU time to the nanosecond, from the scheduler's own account
+/// (`se.sum_exec_runtime`, in ms, in `/proc/self/task/<tid>/sched`), where the kernel has it:
+/// tick-sampled `stat` times cannot resolve a thread that runs ~1 ms at a time.
+fn exact_runtime(task: &std::path::Path) -> Option<Duration> {
+    let sched = std::fs::read_to_string(task.join("sched")).ok()?;
+    let line = sched
+        .lines()
+        .find(|l| l.starts_with("se.sum_exec_runtime"))?;
+    let ms: f64 = line.rsplit(':').next()?.trim().parse().ok()?;
+    Some(Duration::from_secs_f64(ms / 1e3))
+}
+
+/// Slices each direct/routed pair of rows alternates in, so that the machine's drift (other
+/// work on it, clock speed) falls on both paths alike rather than on whichever ran second.
+const ROUNDS: u32 = 3;
+
+/// The same request at the same concurrency, directly and through the gateway.
+struct GrpcPair<'a> {
+    paths: (&'static str, &'static str),
+    channels: (&'a [Channel], &'a [Channel]),
+    request: &'a ModelInferRequest,
+    concurrency: usize,
+}
+
+fn grpc_pair<'a>(
+    paths: (&'static str, &'static str),
+    channels: (&'a [Channel], &'a [Channel]),
+    request: &'a ModelInferRequest,
+    concurrency: usize,
+) -> GrpcPair<'a> {
+    GrpcPair {
+        paths,
+        channels,
+        request,
+        concurrency,
+    }
+}
+
+impl GrpcPair<'_> {
+    /// The direct row and the routed row, each measured for `measure` in all, in
+    /// [`ROUNDS`] alternating slices.
+    async fn run(&self, measure: Duration) -> anyhow::Result<[Row; 2]> {
+        let slice = measure / ROUNDS;
+        let (mut direct, mut routed) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            direct
+                .push(grpc_measure(self.channels.0, self.request, self.concurrency, slice).await?);
+            routed
+                .push(grpc_measure(self.channels.1, self.request, self.concurrency, slice).await?);
+        }
+        let (direct_path, routed_path) = self.paths;
+        Ok([
+            row(direct_path, None, self.concurrency, Measured::merge(direct)),
+            row(
+                routed_path,
+                Some(direct_path),
+                self.concurrency,
+                Measured::merge(routed),
+            ),
+        ])
+    }
+}
+
+async fn grpc_measure(
     channels: &[Channel],
     request: &ModelInferRequest,
     concurrency: usize,
     measure: Duration,
-) -> anyhow::Result<Row> {
-    let measured = drive(
+) -> anyhow::Result<Measured> {
+    drive(
         concurrency,
         measure,
         |i| {
@@ -410,8 +570,7 @@ async fn grpc_row(
             Ok((client, request))
         },
     )
-    .await?;
-    Ok(row(path, baseline, concurrency, measured))
+    .await
 }
 
 async fn http_row(addr: SocketAddr, concurrency: usize, measure: Duration) -> anyhow::Result<Row> {
@@ -505,6 +664,7 @@ fn row(
         p50_ms: percentile(&measured.latencies, 0.5),
         p99_ms: percentile(&measured.latencies, 0.99),
         cpu_us: measured.cpu_us,
+        model_busy: measured.model_busy,
     }
 }
 
@@ -516,9 +676,9 @@ fn print_table(rows: &[Row]) {
     println!();
     println!(
         "| path | concurrency | requests/s | p50 ms | p99 ms | added p50 ms | added p99 ms | \
-         throughput vs direct | CPU µs/request: client | gateway | worker |"
+         throughput vs direct | CPU µs/request: client | gateway | worker | model thread busy |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let base = r.baseline.and_then(|b| find(b, r.concurrency));
         let (added_p50, added_p99, ratio) = match base {
@@ -532,8 +692,13 @@ fn print_table(rows: &[Row]) {
         let [client, gateway, worker] = r.cpu_us;
         println!(
             "| {} | {} | {:.0} | {:.3} | {:.3} | {added_p50} | {added_p99} | {ratio} | {client:.0} | \
-             {gateway:.0} | {worker:.0} |",
-            r.path, r.concurrency, r.per_second, r.p50_ms, r.p99_ms
+             {gateway:.0} | {worker:.0} | {:.0}% |",
+            r.path,
+            r.concurrency,
+            r.per_second,
+            r.p50_ms,
+            r.p99_ms,
+            r.model_busy * 100.0
         );
     }
     println!();
