@@ -4,16 +4,18 @@
 //! limits and its model allow-list, and usage is settled and metered when
 //! the call ends. Refusals are `UNAUTHENTICATED`, `PERMISSION_DENIED`,
 //! `RESOURCE_EXHAUSTED` (with `retry-after` metadata in seconds) and
-//! `UNAVAILABLE` (the model's queue).
+//! `UNAVAILABLE` (the model's queue). Admitted calls and rate-limit refusals
+//! carry the tenant's `x-ratelimit-*` windows as metadata, as HTTP responses
+//! carry them as headers.
 
 use std::time::{Duration, Instant};
 
 use lmgrid_core::error::ErrorKind;
 use lmgrid_proto::lmgrid::v1 as pb;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Status};
 
-use crate::admission::{Admission, Ticket, estimate_tokens};
+use crate::admission::{Admission, RateWindows, Rejection, Ticket, estimate_tokens, rate_headers};
 use crate::auth::{Authenticator, Identity};
 use crate::metrics;
 use crate::tenancy::Tenancy;
@@ -106,8 +108,20 @@ impl Gate {
                         .metadata_mut()
                         .insert("retry-after", MetadataValue::from(seconds));
                 }
+                if let Rejection::Limited { windows, .. } = &rejection {
+                    insert_rate_windows(status.metadata_mut(), windows);
+                }
                 Err(status)
             }
+        }
+    }
+}
+
+/// The `x-ratelimit-*` metadata of `windows` (none for unlimited ones).
+pub(crate) fn insert_rate_windows(metadata: &mut MetadataMap, windows: &RateWindows) {
+    for (name, value) in rate_headers(windows) {
+        if let Ok(value) = MetadataValue::try_from(value) {
+            metadata.insert(name, value);
         }
     }
 }
@@ -151,6 +165,11 @@ pub(crate) struct Admitted {
 }
 
 impl Admitted {
+    /// The tenant's rate-limit windows as admission left them.
+    pub(crate) fn windows(&self) -> RateWindows {
+        self.ticket.windows()
+    }
+
     /// The call goes to a worker now.
     pub(crate) fn started(&self) {
         self.ticket.started();
@@ -170,20 +189,22 @@ impl Admitted {
         }
     }
 
-    /// Counts the call, failed or not.
-    /// Records a unary call's usage (read from its response by `usage`) and
-    /// finishes it, failed when the call failed.
+    /// Records a unary call's usage (read from its response by `usage`),
+    /// adds the rate-limit windows to a successful response's metadata, and
+    /// finishes the call, failed when it failed.
     pub(crate) fn settle<T>(
         self,
-        response: &Result<tonic::Response<T>, tonic::Status>,
+        response: &mut Result<tonic::Response<T>, tonic::Status>,
         usage: impl FnOnce(&T) -> Option<&pb::Usage>,
     ) {
         if let Ok(response) = response {
             self.record_usage(usage(response.get_ref()));
+            insert_rate_windows(response.metadata_mut(), &self.windows());
         }
         self.finish(response.is_err());
     }
 
+    /// Counts the call, failed or not.
     pub(crate) fn finish(mut self, failed: bool) {
         self.finished = true;
         self.usage.request(&self.tenant, &self.label, failed);

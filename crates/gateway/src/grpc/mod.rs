@@ -176,10 +176,10 @@ impl oip_pb::grpc_inference_service_server::GrpcInferenceService for GatewayApi 
             let target = Target::work(&request.model_name, &request.model_version, None);
             let plan = self.workers.plan(target)?;
             admitted.started();
-            let response = incoming
+            let mut response = incoming
                 .unary(&self.workers, &plan, routes::MODEL_INFER, request)
                 .await;
-            admitted.finish(response.is_err());
+            admitted.settle(&mut response, |_| None);
             response
         }
         .await;
@@ -215,10 +215,10 @@ impl pb::generation_service_server::GenerationService for GatewayApi {
             let target = Target::work(&model.name, &model.version, Some(GENERATION));
             let plan = self.workers.plan(target.prompt(request.input.as_ref()))?;
             admitted.started();
-            let response = incoming
+            let mut response = incoming
                 .unary::<_, pb::GenerateResponse>(&self.workers, &plan, routes::GENERATE, request)
                 .await;
-            admitted.settle(&response, |r| r.usage.as_ref());
+            admitted.settle(&mut response, |r| r.usage.as_ref());
             response
         }
         .await;
@@ -266,6 +266,7 @@ impl pb::generation_service_server::GenerationService for GatewayApi {
                 return incoming.answer(Err(status));
             }
         };
+        let windows = admitted.windows();
         // The relay passes usage on; this stream meters it, then drops it
         // unless the caller asked for it.
         let relay = Relay::new(observation, true, incoming.deadline);
@@ -299,7 +300,9 @@ impl pb::generation_service_server::GenerationService for GatewayApi {
                 Some((next, (upstream, relay, admitted)))
             },
         );
-        incoming.answer(Ok(Response::new(Box::pin(stream) as GenerateStream)))
+        let mut response = Response::new(Box::pin(stream) as GenerateStream);
+        gate::insert_rate_windows(response.metadata_mut(), &windows);
+        incoming.answer(Ok(response))
     }
 }
 
@@ -333,10 +336,10 @@ impl pb::embedding_service_server::EmbeddingService for GatewayApi {
             let target = Target::work(&model.name, &model.version, Some(EMBEDDING));
             let plan = self.workers.plan(target)?;
             admitted.started();
-            let response = incoming
+            let mut response = incoming
                 .unary::<_, pb::EmbedResponse>(&self.workers, &plan, routes::EMBED, request)
                 .await;
-            admitted.settle(&response, |r| r.usage.as_ref());
+            admitted.settle(&mut response, |r| r.usage.as_ref());
             response
         }
         .await;

@@ -1,6 +1,7 @@
 //! Admission across gateway replicas sharing one Redis: requests and tokens per minute and
 //! requests in flight hold across replicas, refusals are 429 with `Retry-After` and OpenAI's
-//! `x-ratelimit-*` headers (RESOURCE_EXHAUSTED over gRPC), a Redis outage makes each gateway
+//! `x-ratelimit-*` headers (RESOURCE_EXHAUSTED over gRPC, with the same as metadata, which
+//! admitted gRPC calls carry too), a Redis outage makes each gateway
 //! limit on its own share of each limit (failing open, said in its metrics) until Redis is
 //! back, usage adds up the same on every replica, and a model's queue at a gateway is bounded
 //! in size and in time (503 `model_overloaded`).
@@ -276,6 +277,44 @@ async fn requests_in_flight_are_limited_across_gateways() -> anyhow::Result<()> 
     .await?;
     let answer = client.generate(generate("hi", &key)).await?.into_inner();
     assert_eq!(answer.usage.map(|u| u.prompt_tokens), Some(9));
+    Ok(())
+}
+
+/// A metadata value of a gRPC response or status, as text.
+fn meta<'a>(metadata: &'a tonic::metadata::MetadataMap, name: &str) -> Option<&'a str> {
+    metadata.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_answers_carry_the_rate_limit_windows_as_metadata() -> anyhow::Result<()> {
+    let (etcd, redis) = tokio::try_join!(EtcdServer::start(), RedisServer::start())?;
+    let admission = shared_admission(&redis, redis_addr(&redis)?);
+    let tenant = json!({"name": "acme", "requests_per_minute": 3, "tokens_per_minute": 1000});
+    let (setup, _, key) = two_gateways(&etcd, admission, tenant).await?;
+    let grpc = setup.sandbox.nodes("gateway")[1].grpc_addr();
+    let mut client = GenerationServiceClient::new(lmgrid_integration_tests::connect(grpc).await?);
+
+    for left in ["2", "1"] {
+        let answer = client.generate(generate("hi", &key)).await?;
+        let metadata = answer.metadata();
+        assert_eq!(meta(metadata, "x-ratelimit-limit-requests"), Some("3"));
+        assert_eq!(meta(metadata, "x-ratelimit-remaining-requests"), Some(left));
+        assert!(meta(metadata, "x-ratelimit-reset-requests").is_some());
+        assert_eq!(meta(metadata, "x-ratelimit-limit-tokens"), Some("1000"));
+    }
+    // A stream's windows come with its headers, before the first message.
+    let stream = client.generate_stream(generate("hi", &key)).await?;
+    let metadata = stream.metadata();
+    assert_eq!(meta(metadata, "x-ratelimit-remaining-requests"), Some("0"));
+    let mut stream = stream.into_inner();
+    while stream.message().await?.is_some() {}
+
+    let status = client.generate(generate("hi", &key)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    let metadata = status.metadata();
+    assert!(meta(metadata, "retry-after").is_some(), "{status:?}");
+    assert_eq!(meta(metadata, "x-ratelimit-limit-requests"), Some("3"));
+    assert_eq!(meta(metadata, "x-ratelimit-remaining-requests"), Some("0"));
     Ok(())
 }
 
