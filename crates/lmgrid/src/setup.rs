@@ -1,12 +1,16 @@
 //! `lmgrid up`'s first start. Without `--model-repository` it serves the model repository
 //! of the cache directory, `<cache>/models`; when ONNX Runtime or one of the real models is
-//! missing there, lmgrid-setup installs it first, the same steps as `cargo xtask deps` and
-//! `cargo xtask models`, with the scripts compiled into the binary.
+//! missing there, or a model was converted by another converter than the one compiled into
+//! this binary (an older lmgrid's), lmgrid-setup installs or converts it first, the same
+//! steps as `cargo xtask deps` and `cargo xtask models`, with the scripts compiled into the
+//! binary.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use lmgrid_setup::{MODELS_DIR, ORT_LIBRARY_PATH, ORT_VERSION, Progress, Setup, Stream};
+use lmgrid_setup::{
+    Conversion, MODELS_DIR, ORT_LIBRARY_PATH, ORT_VERSION, Progress, Setup, Stream,
+};
 use tokio_util::sync::CancellationToken;
 
 /// How the setup's lines start; they go to stderr, with the output of what it runs.
@@ -95,15 +99,16 @@ struct Plan {
     cache: PathBuf,
     /// Whether to install ONNX Runtime into the cache.
     onnxruntime: bool,
-    /// The models that are missing or incomplete.
-    models: Vec<&'static str>,
+    /// The models that are missing, incomplete, or converted by other converters than this
+    /// binary's.
+    models: Vec<(&'static str, Conversion)>,
 }
 
 impl Plan {
     fn of(cache: PathBuf) -> Plan {
         Plan {
             onnxruntime: !worker_finds_onnxruntime(&cache),
-            models: lmgrid_setup::missing_models(&cache),
+            models: lmgrid_setup::models_to_convert(&cache),
             cache,
         }
     }
@@ -111,7 +116,15 @@ impl Plan {
     /// What the plan does, in words; `None` when there is nothing to do.
     fn describe(&self) -> Option<String> {
         let ort = format!("installing ONNX Runtime {ORT_VERSION}");
-        let models = format!("converting {}", self.models.join(", "));
+        let models = self
+            .models
+            .iter()
+            .map(|(name, why)| match why {
+                Conversion::Missing => name.to_string(),
+                Conversion::OutOfDate => format!("{name} (its converter changed)"),
+            })
+            .collect::<Vec<_>>();
+        let models = format!("converting {}", models.join(", "));
         match (self.onnxruntime, self.models.is_empty()) {
             (false, true) => None,
             (true, true) => Some(ort),
@@ -170,23 +183,30 @@ mod tests {
 
     #[test]
     fn describes_what_is_left_to_do() {
-        let plan = |onnxruntime, models: &[&'static str]| Plan {
+        let plan = |onnxruntime, models: &[(&'static str, Conversion)]| Plan {
             cache: PathBuf::from("cache"),
             onnxruntime,
             models: models.to_vec(),
         };
+        let (a, b) = (("a", Conversion::Missing), ("b", Conversion::Missing));
         assert_eq!(plan(false, &[]).describe(), None);
         assert_eq!(
             plan(true, &[]).describe().as_deref(),
             Some("installing ONNX Runtime 1.31.1")
         );
         assert_eq!(
-            plan(true, &["a", "b"]).describe().as_deref(),
+            plan(true, &[a, b]).describe().as_deref(),
             Some("installing ONNX Runtime 1.31.1 and converting a, b")
         );
         assert_eq!(
-            plan(false, &["a"]).describe().as_deref(),
+            plan(false, &[a]).describe().as_deref(),
             Some("converting a")
+        );
+        assert_eq!(
+            plan(false, &[a, ("c", Conversion::OutOfDate)])
+                .describe()
+                .as_deref(),
+            Some("converting a, c (its converter changed)")
         );
     }
 }

@@ -1,8 +1,9 @@
 //! `lmgrid up` without `--model-repository`: it serves the model repository of the cache
 //! directory, `<cache>/models`. The first-start setup that fills it needs PyPI, so these
 //! tests cover the paths around it without the network: `--no-setup` serving a fixture model
-//! from a temporary cache directory, and a setup that cannot even create its cache directory
-//! failing at once, with a message saying how to go on.
+//! from a temporary cache directory, a setup that cannot even create its cache directory
+//! failing at once, with a message saying how to go on, and models converted by an older
+//! converter being converted again rather than served.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -212,5 +213,46 @@ async fn a_setup_that_cannot_run_fails_with_what_to_do() -> anyhow::Result<()> {
     for hint in ["python3-venv", "--model-repository DIR", "--no-setup"] {
         assert!(stderr.contains(hint), "{hint}: {stderr}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn models_converted_by_another_converter_are_converted_again() -> anyhow::Result<()> {
+    let data: TempDir = tempfile::tempdir()?;
+    let cache = data.path().join("cache");
+    // Every model complete, but stamped by a converter this binary does not have.
+    for model in lmgrid_setup::MODEL_NAMES {
+        let dir = cache.join(lmgrid_setup::MODELS_DIR).join(model);
+        for file in [
+            "config.yaml",
+            "tokenizer.json",
+            "chat_template.jinja",
+            "1/model.onnx",
+        ] {
+            std::fs::create_dir_all(dir.join(file).parent().context("a parent")?)?;
+            std::fs::write(dir.join(file), "x")?;
+        }
+        std::fs::write(
+            dir.join(".lmgrid-convert-stamp"),
+            "converter convert.py sha256 00\n",
+        )?;
+    }
+    // No python3 on the PATH: the setup stops at its first step, after saying what it does.
+    let empty = data.path().join("empty-path");
+    std::fs::create_dir(&empty)?;
+    let library = onnxruntime_library()?;
+    let env = [
+        ("PATH", empty.as_path()),
+        ("ORT_DYLIB_PATH", library.as_path()),
+    ];
+    let mut up = Up::spawn(data.path(), &cache, &[], &env)?;
+    let status = up.exit_status().await?;
+    let stderr = up.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let plan = "lmgrid: setup: converting all-minilm-l6-v2 (its converter changed), \
+                smollm2-135m-instruct-fp32 (its converter changed), smollm2-135m-instruct \
+                (its converter changed) in";
+    assert!(stderr.contains(plan), "{stderr}");
+    assert!(stderr.contains("python3 is needed"), "{stderr}");
     Ok(())
 }

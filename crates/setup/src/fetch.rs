@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
+pub(crate) use lmgrid_digest::is_sha256_hex;
 
 use crate::scripts::UNPACK;
 use crate::{Setup, partial_beside, read_trimmed, remove_dir_if_present, replace_dir, write_file};
@@ -241,14 +242,6 @@ pub(crate) fn sha256(python: &Path, path: &Path) -> anyhow::Result<String> {
         bail!("unexpected digest `{digest}` for {}", path.display());
     }
     Ok(digest)
-}
-
-/// Whether `digest` is a sha256 in lowercase hex, as `hashlib` writes it.
-pub(crate) fn is_sha256_hex(digest: &str) -> bool {
-    digest.len() == 64
-        && digest
-            .bytes()
-            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-pub use models::{MODEL_NAMES, missing_models};
+pub use models::{Conversion, MODEL_NAMES, models_to_convert};
 pub use onnxruntime::{ORT_LIBRARY_PATH, ORT_VERSION};
 pub use progress::{Progress, Stream, show};
 

@@ -103,18 +103,40 @@ const MODELS: [Model; 3] = [
     },
 ];
 
-/// The models of [`MODEL_NAMES`] whose directory under `<cache>/models` lacks an output or
-/// its stamp: a cheap check, without Python, of whether [`Setup::models`] has run to the
-/// end. Unlike that step, it does not compare the stamps with the current converters.
-pub fn missing_models(cache: &Path) -> Vec<&'static str> {
+/// Why a model is to be converted before it is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conversion {
+    /// Its directory lacks an output or the stamp: never converted, or not to the end.
+    Missing,
+    /// Converted to the end, but by another converter (or from other requirements) than
+    /// the ones compiled into this binary.
+    OutOfDate,
+}
+
+/// The models of [`MODEL_NAMES`] that [`Setup::models`] would convert in `<cache>/models`,
+/// and why: a cheap check, without Python, that hashes the scripts compiled into this binary
+/// as the stamps do.
+pub fn models_to_convert(cache: &Path) -> Vec<(&'static str, Conversion)> {
     let repository = cache.join(MODELS_DIR);
+    let requirements_sha = lmgrid_digest::sha256_hex(REQUIREMENTS.text.as_bytes());
     MODELS
         .iter()
-        .filter(|model| {
+        .filter_map(|model| {
             let dir = repository.join(model.name);
-            !(has_outputs(model, &dir) && dir.join(MODEL_STAMP).is_file())
+            if !(has_outputs(model, &dir) && dir.join(MODEL_STAMP).is_file()) {
+                return Some((model.name, Conversion::Missing));
+            }
+            let converter_sha = lmgrid_digest::sha256_hex(model.converter.text.as_bytes());
+            let stamp = model_stamp(
+                model,
+                model.converter.name,
+                &converter_sha,
+                &requirements_sha,
+            );
+            let legacy = legacy_stamp(model, &converter_sha, &requirements_sha);
+            (!is_converted(model, &dir, &[&stamp, &legacy]))
+                .then_some((model.name, Conversion::OutOfDate))
         })
-        .map(|model| model.name)
         .collect()
 }
 
@@ -362,7 +384,8 @@ mod tests {
         let model_dir = cache.join(MODELS_DIR).join(minilm.name);
         let stamp = model_stamp(minilm, minilm.converter.name, "aa", "bb");
         let legacy = legacy_stamp(minilm, "aa", "bb");
-        assert_eq!(missing_models(cache), MODEL_NAMES);
+        let all_missing: Vec<_> = MODEL_NAMES.map(|m| (m, Conversion::Missing)).into();
+        assert_eq!(models_to_convert(cache), all_missing);
         for output in minilm.outputs {
             crate::write_file(&model_dir.join(output), "x").unwrap();
         }
@@ -370,10 +393,62 @@ mod tests {
         crate::write_file(&model_dir.join(MODEL_STAMP), &legacy).unwrap();
         assert!(is_converted(minilm, &model_dir, &[&stamp, &legacy]));
         assert!(!is_converted(minilm, &model_dir, &[&stamp]));
-        assert_eq!(missing_models(cache), MODEL_NAMES[1..]);
         std::fs::remove_file(model_dir.join("tokenizer.json")).unwrap();
         assert!(!is_converted(minilm, &model_dir, &[&stamp, &legacy]));
-        assert_eq!(missing_models(cache), MODEL_NAMES);
+        assert_eq!(models_to_convert(cache), all_missing);
+    }
+
+    #[test]
+    fn a_model_converted_by_another_converter_is_out_of_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path();
+        let minilm = &MODELS[0];
+        let model_dir = cache.join(MODELS_DIR).join(minilm.name);
+        for output in minilm.outputs {
+            crate::write_file(&model_dir.join(output), "x").unwrap();
+        }
+        // Converted by other scripts than the ones compiled in.
+        crate::write_file(
+            &model_dir.join(MODEL_STAMP),
+            &model_stamp(minilm, minilm.converter.name, "aa", "bb"),
+        )
+        .unwrap();
+        assert_eq!(
+            models_to_convert(cache)[0],
+            (minilm.name, Conversion::OutOfDate)
+        );
+        // Converted by these, under either name the stamps have given the converter.
+        let converter = lmgrid_digest::sha256_hex(minilm.converter.text.as_bytes());
+        let requirements = lmgrid_digest::sha256_hex(REQUIREMENTS.text.as_bytes());
+        for stamp in [
+            model_stamp(minilm, minilm.converter.name, &converter, &requirements),
+            legacy_stamp(minilm, &converter, &requirements),
+        ] {
+            crate::write_file(&model_dir.join(MODEL_STAMP), &stamp).unwrap();
+            let left: Vec<_> = models_to_convert(cache)
+                .into_iter()
+                .map(|(m, _)| m)
+                .collect();
+            assert_eq!(left, MODEL_NAMES[1..], "{stamp}");
+        }
+    }
+
+    /// [`models_to_convert`] hashes the scripts in Rust, [`Setup::models`] with Python's
+    /// `hashlib` over the files it writes: both must give the same stamps.
+    #[test]
+    fn scripts_hash_the_same_in_rust_and_in_python() {
+        let dir = tempfile::tempdir().unwrap();
+        let progress = crate::Progress::new("test:", crate::Stream::Stderr);
+        let setup = Setup::new(dir.path(), progress).unwrap();
+        let scripts = setup.scripts().unwrap();
+        for script in [REQUIREMENTS, MODELS[0].converter, MODELS[1].converter] {
+            assert_eq!(
+                sha256(Path::new("python3"), &scripts.join(script.name)).unwrap(),
+                lmgrid_digest::sha256_hex(script.text.as_bytes()),
+                "{}",
+                script.name
+            );
+        }
     }
 
     #[test]
