@@ -157,6 +157,41 @@ impl EtcdClient {
         Ok(response.header.map_or(0, |h| h.revision))
     }
 
+    /// Writes a key (without a lease) only if its mod revision is `revision` —
+    /// 0 meaning that the key does not exist — in one transaction. Returns the
+    /// revision of the write, or `None` when the key had changed (or existed,
+    /// or did not) and nothing was written.
+    pub async fn put_if_revision(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        revision: i64,
+    ) -> Result<Option<i64>> {
+        let request = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                result: pb::compare::CompareResult::Equal as i32,
+                target: pb::compare::CompareTarget::Mod as i32,
+                key: key.as_bytes().to_vec(),
+                target_union: Some(pb::compare::TargetUnion::ModRevision(revision)),
+                range_end: Vec::new(),
+            }],
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                    key: key.as_bytes().to_vec(),
+                    value,
+                    lease: 0,
+                    prev_kv: false,
+                })),
+            }],
+            failure: Vec::new(),
+        };
+        let mut kv = self.kv.clone();
+        let response = self.unary("txn", kv.txn(request)).await?;
+        Ok(response
+            .succeeded
+            .then(|| response.header.map_or(0, |h| h.revision)))
+    }
+
     /// Deletes a key; returns how many keys were deleted.
     pub async fn delete(&self, key: &str) -> Result<i64> {
         let request = pb::DeleteRangeRequest {

@@ -11,7 +11,9 @@ use serde_json::{Map, Value, json};
 use super::AdminBody;
 use super::{AdminState, store_failed, unix_now};
 use crate::auth::config::MAX_LIMIT;
-use crate::auth::{ANONYMOUS, KeyInfo, KeyRecord, Priority, Tenant, keys, valid_tenant_name};
+use crate::auth::{
+    ANONYMOUS, KeyInfo, KeyRecord, Priority, StoreError, Tenant, keys, valid_tenant_name,
+};
 use crate::http::error::ApiError;
 use crate::http::json::{Fields, type_name};
 
@@ -38,6 +40,38 @@ fn view(tenant: &Tenant) -> Value {
 fn name_of(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     path.map(|Path(name)| name)
         .map_err(|rejection| ApiError::bad_request(rejection.body_text()))
+}
+
+/// What a write of tenant `name` answers when the store refused it: 409
+/// `tenant_changed` when another write got there first (through another
+/// gateway replica: each replica serialises its own), else 503.
+fn write_failed(action: &str, name: &str, error: &StoreError) -> ApiError {
+    match error {
+        StoreError::Conflict(_) => {
+            tracing::info!(
+                tenant = name,
+                action,
+                "tenant changed meanwhile; write refused"
+            );
+            ApiError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "{action}: tenant '{name}' changed while this request ran (another admin \
+                     request, through another gateway); nothing was changed, read it and retry"
+                ),
+            )
+            .with_code("tenant_changed")
+        }
+        other => store_failed(action, other),
+    }
+}
+
+/// Revokes a key minted for a write that was then refused, so that no key
+/// outlives the answer that would have shown it.
+async fn unmint(state: &AdminState, key: &keys::NewKey) {
+    if let Err(error) = state.store.delete_key(&key.sha256).await {
+        tracing::error!(key_id = key.id, %error, "revoke a key of a refused write");
+    }
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -136,6 +170,7 @@ pub(super) async fn create(
         allowed_models: Vec::new(),
         keys: Vec::new(),
         created: unix_now(),
+        revision: 0,
     };
     apply_fields(&mut tenant, &body)?;
     let _writer = state.writes.lock().await;
@@ -147,17 +182,31 @@ pub(super) async fn create(
         );
     }
     let mut answer = json!({});
+    let mut minted = None;
     if create_key {
         let (key, info) = mint(&state, &name).await?;
         tenant.keys.push(info);
-        answer["key"] = key.secret.into();
-        answer["key_id"] = key.id.into();
+        answer["key"] = key.secret.clone().into();
+        answer["key_id"] = key.id.clone().into();
+        minted = Some(key);
     }
-    state
-        .store
-        .put_tenant(&tenant)
-        .await
-        .map_err(|e| store_failed("create the tenant", &e))?;
+    // Revision 0: only if no replica created it meanwhile.
+    let tenant = match state.store.put_tenant(&tenant).await {
+        Ok(stored) => stored,
+        Err(error) => {
+            if let Some(key) = &minted {
+                unmint(&state, key).await;
+            }
+            return Err(match error {
+                StoreError::Conflict(_) => {
+                    ApiError::new(ErrorKind::AlreadyExists, format!("tenant '{name}' exists"))
+                        .with_param("name")
+                        .with_code("tenant_exists")
+                }
+                other => store_failed("create the tenant", &other),
+            });
+        }
+    };
     tracing::info!(tenant = name, "tenant created");
     answer["tenant"] = view(&tenant);
     Ok((StatusCode::CREATED, Json(answer)).into_response())
@@ -200,11 +249,11 @@ pub(super) async fn update(
         .cloned()
         .ok_or_else(|| not_found(&name))?;
     apply_fields(&mut tenant, &body)?;
-    state
+    let tenant = state
         .store
         .put_tenant(&tenant)
         .await
-        .map_err(|e| store_failed("update the tenant", &e))?;
+        .map_err(|e| write_failed("update the tenant", &name, &e))?;
     tracing::info!(tenant = name, "tenant updated");
     Ok(Json(view(&tenant)))
 }
@@ -278,11 +327,13 @@ pub(super) async fn create_key(
         Vec::new()
     };
     tenant.keys.push(info);
-    state
-        .store
-        .put_tenant(&tenant)
-        .await
-        .map_err(|e| store_failed("add the key", &e))?;
+    let tenant = match state.store.put_tenant(&tenant).await {
+        Ok(stored) => stored,
+        Err(error) => {
+            unmint(&state, &key).await;
+            return Err(write_failed("add the key", &name, &error));
+        }
+    };
     for revoked in &old {
         state
             .store
@@ -328,14 +379,14 @@ pub(super) async fn revoke_key(
     let revoked = tenant.keys.remove(position);
     state
         .store
+        .put_tenant(&tenant)
+        .await
+        .map_err(|e| write_failed("revoke the key", &name, &e))?;
+    state
+        .store
         .delete_key(&revoked.sha256)
         .await
         .map_err(|e| store_failed("revoke the key", &e))?;
-    state
-        .store
-        .put_tenant(&tenant)
-        .await
-        .map_err(|e| store_failed("update the tenant", &e))?;
     tracing::info!(tenant = name, key_id, "key revoked");
     Ok(StatusCode::NO_CONTENT)
 }

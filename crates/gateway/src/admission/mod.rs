@@ -379,6 +379,7 @@ mod tests {
             allowed_models: vec![],
             keys: vec![],
             created: 0,
+            revision: 0,
         }
     }
 

@@ -95,7 +95,13 @@ fn apply(directory: &mut Directory, half: Half, prefix: &str, kv: &KeyValue, del
         }
         Half::Tenants => match serde_json::from_slice::<Tenant>(&kv.value) {
             Ok(tenant) if tenant.name == name && valid_tenant_name(name) => {
-                directory.tenants.insert(name.to_string(), tenant);
+                insert_tenant(
+                    directory,
+                    Tenant {
+                        revision: kv.mod_revision,
+                        ..tenant
+                    },
+                );
             }
             Ok(_) => tracing::warn!(name, "ignoring a tenant record whose name is not its key"),
             Err(error) => tracing::warn!(name, %error, "ignoring a malformed tenant record"),
@@ -107,6 +113,19 @@ fn apply(directory: &mut Directory, half: Half, prefix: &str, kv: &KeyValue, del
             Ok(_) => tracing::warn!("ignoring a key record whose name is not a SHA-256 digest"),
             Err(error) => tracing::warn!(%error, "ignoring a malformed key record"),
         },
+    }
+}
+
+/// Puts `tenant` in `directory` unless it already holds a later revision: a
+/// replica's own write is applied at once, and the watch's event for an
+/// earlier write may come after it.
+fn insert_tenant(directory: &mut Directory, tenant: Tenant) {
+    let newer = directory
+        .tenants
+        .get(&tenant.name)
+        .is_some_and(|held| held.revision > tenant.revision);
+    if !newer {
+        directory.tenants.insert(tenant.name.clone(), tenant);
     }
 }
 
@@ -174,17 +193,23 @@ impl TenantStore for EtcdStore {
         self.tx.subscribe()
     }
 
-    async fn put_tenant(&self, tenant: &Tenant) -> Result<(), StoreError> {
+    async fn put_tenant(&self, tenant: &Tenant) -> Result<Tenant, StoreError> {
         let key = format!("{}{}", self.tenants_prefix, tenant.name);
-        self.client
-            .put(&key, serde_json::to_vec(tenant)?, 0)
-            .await?;
+        let Some(revision) = self
+            .client
+            .put_if_revision(&key, serde_json::to_vec(tenant)?, tenant.revision)
+            .await?
+        else {
+            return Err(StoreError::Conflict(tenant.name.clone()));
+        };
+        let stored = Tenant {
+            revision,
+            ..tenant.clone()
+        };
         self.tx.send_modify(|d| {
-            Arc::make_mut(d)
-                .tenants
-                .insert(tenant.name.clone(), tenant.clone());
+            insert_tenant(Arc::make_mut(d), stored.clone());
         });
-        Ok(())
+        Ok(stored)
     }
 
     async fn delete_tenant(&self, name: &str) -> Result<(), StoreError> {
@@ -229,6 +254,33 @@ mod tests {
             value: value.as_bytes().to_vec(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_tenant_event_older_than_the_record_held_is_skipped() {
+        let mut d = Directory::default();
+        let record = |rpm: u32, revision: i64| KeyValue {
+            mod_revision: revision,
+            ..kv(
+                "/p/tenants/acme",
+                &format!(
+                    r#"{{"name":"acme","requests_per_minute":{rpm},"tokens_per_minute":0,"max_concurrent":0}}"#
+                ),
+            )
+        };
+        apply(&mut d, Half::Tenants, "/p/tenants/", &record(5, 12), false);
+        assert_eq!(d.tenants["acme"].revision, 12);
+        // The watch's event for an earlier write, after this replica's own later one.
+        apply(&mut d, Half::Tenants, "/p/tenants/", &record(4, 11), false);
+        assert_eq!(d.tenants["acme"].limits.requests_per_minute, 5);
+        apply(&mut d, Half::Tenants, "/p/tenants/", &record(6, 13), false);
+        assert_eq!(
+            (
+                d.tenants["acme"].limits.requests_per_minute,
+                d.tenants["acme"].revision
+            ),
+            (6, 13)
+        );
     }
 
     #[test]

@@ -115,6 +115,11 @@ pub(crate) struct Tenant {
     pub(crate) keys: Vec<KeyInfo>,
     #[serde(default)]
     pub(crate) created: u64,
+    /// The store's revision of this record (etcd's mod revision), which a
+    /// write of the tenant names so that it cannot overwrite a change it did
+    /// not see; not part of the stored record. 0 for a tenant not stored.
+    #[serde(skip)]
+    pub(crate) revision: i64,
 }
 
 impl Tenant {
@@ -132,6 +137,7 @@ impl Tenant {
             allowed_models: Vec::new(),
             keys: Vec::new(),
             created: 0,
+            revision: 0,
         }
     }
 }
@@ -251,9 +257,12 @@ impl Authenticator {
             .ok_or(AuthError::Missing)?;
         let digest = keys::sha256_hex(token.as_bytes());
         let record = directory.keys.get(&digest).ok_or(AuthError::Unknown)?;
+        // The tenant must list the key too: a key record that a refused or
+        // interrupted admin write left behind is no key.
         let tenant = directory
             .tenants
             .get(&record.tenant)
+            .filter(|tenant| tenant.keys.iter().any(|key| key.sha256 == digest))
             .ok_or(AuthError::Unknown)?;
         Ok(Identity {
             tenant: Arc::new(tenant.clone()),
@@ -287,6 +296,7 @@ mod tests {
                     created: 1,
                 }],
                 created: 1,
+                revision: 1,
             },
         );
         directory.keys.insert(
@@ -303,6 +313,18 @@ mod tests {
     fn authenticator(directory: Directory, required: bool) -> Authenticator {
         let (_tx, rx) = watch::channel(Arc::new(directory));
         Authenticator::new(rx, required, &TenantDefaults::default())
+    }
+
+    #[test]
+    fn a_key_its_tenant_does_not_list_is_unknown() {
+        let mut directory = directory_with("lmg-secret-one");
+        directory.tenants.get_mut("acme").unwrap().keys.clear();
+        let auth = authenticator(directory, true);
+        assert_eq!(
+            auth.authenticate(Some(b"Bearer lmg-secret-one"), false)
+                .unwrap_err(),
+            AuthError::Unknown
+        );
     }
 
     #[test]
@@ -370,7 +392,15 @@ mod tests {
         let json = serde_json::to_value(tenant).unwrap();
         assert_eq!(json["requests_per_minute"], 0);
         assert_eq!(json["priority"], "high");
+        assert!(json.get("revision").is_none(), "the store keeps revisions");
         let back: Tenant = serde_json::from_value(json).unwrap();
-        assert_eq!(&back, tenant);
+        assert_eq!(back.revision, 0);
+        assert_eq!(
+            back,
+            Tenant {
+                revision: 0,
+                ..tenant.clone()
+            }
+        );
     }
 }

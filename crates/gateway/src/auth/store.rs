@@ -28,6 +28,9 @@ pub(crate) enum StoreError {
     },
     #[error("encode a record: {0}")]
     Encode(#[from] serde_json::Error),
+    /// A compare-and-set write found the tenant changed since it was read.
+    #[error("tenant '{0}' changed since it was read")]
+    Conflict(String),
 }
 
 /// Tenants and key digests, followed by every gateway replica.
@@ -36,8 +39,11 @@ pub(crate) trait TenantStore: Send + Sync + fmt::Debug {
     /// The directory, kept up to date while the store lives.
     fn directory(&self) -> watch::Receiver<Arc<Directory>>;
 
-    /// Creates or replaces a tenant.
-    async fn put_tenant(&self, tenant: &Tenant) -> Result<(), StoreError>;
+    /// Creates or replaces a tenant, if its record is still at
+    /// `tenant.revision` (0: if there is none); otherwise
+    /// [`StoreError::Conflict`]. Returns the tenant as stored, with its new
+    /// revision.
+    async fn put_tenant(&self, tenant: &Tenant) -> Result<Tenant, StoreError>;
 
     /// Removes a tenant (its keys are removed separately).
     async fn delete_tenant(&self, name: &str) -> Result<(), StoreError>;
@@ -71,7 +77,7 @@ impl FileStore {
 
     /// A store persisted to `path`, loaded from it when it exists.
     pub(crate) async fn open(path: &Path) -> Result<FileStore, StoreError> {
-        let directory = match tokio::fs::read(path).await {
+        let mut directory: Directory = match tokio::fs::read(path).await {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::File {
                 action: "read",
                 path: path.display().to_string(),
@@ -86,6 +92,10 @@ impl FileStore {
                 });
             }
         };
+        // Stored tenants have a revision other than 0, which means "none".
+        for tenant in directory.tenants.values_mut() {
+            tenant.revision = 1;
+        }
         Ok(FileStore {
             path: Some(path.to_path_buf()),
             write: Mutex::new(()),
@@ -93,15 +103,18 @@ impl FileStore {
         })
     }
 
-    async fn change(&self, apply: impl FnOnce(&mut Directory)) -> Result<(), StoreError> {
+    async fn change<T>(
+        &self,
+        apply: impl FnOnce(&mut Directory) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let _writer = self.write.lock().await;
         let mut next = (**self.tx.borrow()).clone();
-        apply(&mut next);
+        let result = apply(&mut next)?;
         if let Some(path) = &self.path {
             persist(path, &next).await?;
         }
         self.tx.send_replace(Arc::new(next));
-        Ok(())
+        Ok(result)
     }
 }
 
@@ -139,9 +152,21 @@ impl TenantStore for FileStore {
         self.tx.subscribe()
     }
 
-    async fn put_tenant(&self, tenant: &Tenant) -> Result<(), StoreError> {
+    async fn put_tenant(&self, tenant: &Tenant) -> Result<Tenant, StoreError> {
         self.change(|d| {
-            d.tenants.insert(tenant.name.clone(), tenant.clone());
+            let current = d.tenants.get(&tenant.name).map_or(0, |t| t.revision);
+            if current != tenant.revision {
+                return Err(StoreError::Conflict(tenant.name.clone()));
+            }
+            // Revisions here only need to differ between writes: one more
+            // than the newest in the directory.
+            let newest = d.tenants.values().map(|t| t.revision).max().unwrap_or(0);
+            let stored = Tenant {
+                revision: newest + 1,
+                ..tenant.clone()
+            };
+            d.tenants.insert(tenant.name.clone(), stored.clone());
+            Ok(stored)
         })
         .await
     }
@@ -149,6 +174,7 @@ impl TenantStore for FileStore {
     async fn delete_tenant(&self, name: &str) -> Result<(), StoreError> {
         self.change(|d| {
             d.tenants.remove(name);
+            Ok(())
         })
         .await
     }
@@ -156,6 +182,7 @@ impl TenantStore for FileStore {
     async fn put_key(&self, sha256: &str, key: &KeyRecord) -> Result<(), StoreError> {
         self.change(|d| {
             d.keys.insert(sha256.to_string(), key.clone());
+            Ok(())
         })
         .await
     }
@@ -163,6 +190,7 @@ impl TenantStore for FileStore {
     async fn delete_key(&self, sha256: &str) -> Result<(), StoreError> {
         self.change(|d| {
             d.keys.remove(sha256);
+            Ok(())
         })
         .await
     }
@@ -185,6 +213,7 @@ mod tests {
             allowed_models: vec![],
             keys: vec![],
             created: 7,
+            revision: 0,
         }
     }
 
@@ -207,12 +236,47 @@ mod tests {
 
         let reopened = FileStore::open(&path).await.unwrap();
         let directory = reopened.directory().borrow().clone();
-        assert_eq!(directory.tenants["acme"], tenant("acme"));
+        let stored = Tenant {
+            revision: 1,
+            ..tenant("acme")
+        };
+        assert_eq!(directory.tenants["acme"], stored);
         assert_eq!(directory.keys[&"a".repeat(64)], record);
         reopened.delete_key(&"a".repeat(64)).await.unwrap();
         reopened.delete_tenant("acme").await.unwrap();
         let again = FileStore::open(&path).await.unwrap();
         assert_eq!(*again.directory().borrow().clone(), Directory::default());
+    }
+
+    #[tokio::test]
+    async fn a_tenant_write_must_name_the_revision_it_read() {
+        let store = FileStore::in_memory();
+        let created = store.put_tenant(&tenant("acme")).await.unwrap();
+        assert_ne!(created.revision, 0);
+        // Created again, or written from a stale read: refused.
+        for stale in [
+            tenant("acme"),
+            Tenant {
+                revision: created.revision + 7,
+                ..tenant("acme")
+            },
+        ] {
+            let error = store.put_tenant(&stale).await.unwrap_err();
+            assert!(
+                matches!(error, StoreError::Conflict(ref name) if name == "acme"),
+                "{error}"
+            );
+        }
+        let mut changed = created.clone();
+        changed.limits.requests_per_minute = 9;
+        let updated = store.put_tenant(&changed).await.unwrap();
+        assert_ne!(updated.revision, created.revision);
+        // The write that read `created` lost: it did not see `updated`.
+        let error = store.put_tenant(&created).await.unwrap_err();
+        assert!(matches!(error, StoreError::Conflict(_)), "{error}");
+        let directory = store.directory().borrow().clone();
+        assert_eq!(directory.tenants["acme"], updated);
+        assert_eq!(directory.tenants["acme"].limits.requests_per_minute, 9);
     }
 
     #[tokio::test]

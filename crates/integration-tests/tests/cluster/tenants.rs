@@ -1,7 +1,8 @@
 //! API keys and tenants: a gateway that requires keys answers 401 without a valid one and
 //! 403 for a model the tenant may not use, over HTTP and gRPC; keys made through the admin
-//! API on one gateway work on another within seconds (both follow etcd), and rotation
-//! revokes the old key everywhere.
+//! API on one gateway work on another within seconds (both follow etcd), rotation revokes
+//! the old key everywhere, and concurrent writes through two replicas take turns (a write
+//! that did not see another's is refused with 409 `tenant_changed`, never lost).
 
 use std::net::SocketAddr;
 
@@ -394,6 +395,112 @@ async fn keys_reach_every_replica_and_rotation_revokes_the_old_key() -> anyhow::
     assert_eq!(removed.status, 204, "{}", removed.body);
     for gateway in [&a, &b] {
         wait_for_key(gateway.http_addr(), &second, 401).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compare_and_set_put_writes_only_over_the_revision_it_names() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let client = lmgrid_core::etcd::EtcdClient::connect(&lmgrid_core::config::EtcdConfig {
+        endpoints: vec![etcd.endpoint().to_string()],
+        ..Default::default()
+    })
+    .await?;
+    let key = format!("{}/cas", etcd.unique_prefix("cas"));
+    // 0: only if the key does not exist.
+    let first = client.put_if_revision(&key, b"a".to_vec(), 0).await?;
+    let first = first.context("the first write to a new key was refused")?;
+    assert_eq!(client.put_if_revision(&key, b"x".to_vec(), 0).await?, None);
+    let second = client.put_if_revision(&key, b"b".to_vec(), first).await?;
+    let second = second.context("a write naming the current revision was refused")?;
+    assert!(second > first);
+    // A writer that read the first value lost: nothing written.
+    assert_eq!(
+        client.put_if_revision(&key, b"y".to_vec(), first).await?,
+        None
+    );
+    let stored = client.get(&key).await?.context("no value")?;
+    assert_eq!((stored.value, stored.mod_revision), (b"b".to_vec(), second));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_rotations_through_two_replicas_leave_one_key_and_lose_none()
+-> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let sandbox = Sandbox::builder(&etcd)
+        .gateway_auth(required_auth())
+        .gateway()
+        .gateway()
+        .build()
+        .await?;
+    let [a, b] = [0, 1].map(|i| sandbox.nodes("gateway")[i].clone());
+    let original = create_tenant(a.admin_addr(), json!({"name": "acme"})).await?;
+    wait_for_key(b.http_addr(), &original, 200).await?;
+
+    // Six rotations at once, three through each replica.
+    let rotations = (0..6).map(|i| {
+        let admin_addr = [&a, &b][i % 2].admin_addr();
+        async move {
+            let body = json!({"revoke_existing": true});
+            admin(admin_addr, "POST", "/admin/v1/tenants/acme/keys", body).await
+        }
+    });
+    let mut handed_out = Vec::new();
+    let mut revoked = std::collections::HashSet::new();
+    for answer in futures::future::join_all(rotations).await {
+        let answer = answer?;
+        match answer.status {
+            201 => {
+                let body = json_of(&answer)?;
+                let key = body["key"].as_str().context("no key")?.to_string();
+                handed_out.push(key);
+                for id in body["revoked"].as_array().context("no revoked list")? {
+                    revoked.insert(id.as_str().context("a key id")?.to_string());
+                }
+            }
+            _ => assert_openai_error(&answer, 409, "tenant_changed", None, "changed while")?,
+        }
+    }
+    assert!(!handed_out.is_empty(), "no rotation succeeded");
+
+    // Successful rotations took turns: every key handed out but one was revoked by a later
+    // rotation, which says so; none was silently overwritten.
+    let tenant =
+        json_of(&admin(a.admin_addr(), "GET", "/admin/v1/tenants/acme", Value::Null).await?)?;
+    let listed: Vec<&str> = tenant["keys"]
+        .as_array()
+        .context("no keys")?
+        .iter()
+        .filter_map(|k| k["id"].as_str())
+        .collect();
+    assert_eq!(listed.len(), 1, "{tenant}");
+    let unaccounted: Vec<&str> = handed_out
+        .iter()
+        .map(|key| &key[..12])
+        .filter(|id| !revoked.contains(*id))
+        .collect();
+    assert_eq!(
+        unaccounted, listed,
+        "keys handed out: {handed_out:?}, revoked: {revoked:?}"
+    );
+    assert!(revoked.contains(&original[..12]), "{revoked:?}");
+
+    // And only that key works, on both replicas.
+    let current = handed_out
+        .iter()
+        .find(|key| key[..12] == *listed[0])
+        .context("the listed key was not handed out")?;
+    for gateway in [&a, &b] {
+        wait_for_key(gateway.http_addr(), current, 200).await?;
+        for key in handed_out
+            .iter()
+            .chain([&original])
+            .filter(|k| *k != current)
+        {
+            wait_for_key(gateway.http_addr(), key, 401).await?;
+        }
     }
     Ok(())
 }
