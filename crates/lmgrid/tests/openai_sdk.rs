@@ -7,6 +7,8 @@
 //! Nothing here is skipped: without the venv or the converted models the test fails and says
 //! which `cargo xtask` command provides them.
 
+mod common;
+
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,9 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
+use common::http_get;
 use lmgrid_test_support::{free_port, wait_until};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 
 /// The models the script uses, as named in the cache's model repository.
 const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
@@ -68,31 +69,6 @@ impl Drop for Platform {
         }
         let _ = self.child.wait();
     }
-}
-
-/// `GET path` over HTTP/1.0; the status and the body.
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
-    };
-    let response = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .context("no answer within 10s")??;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("malformed response {response:?}"))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("malformed status line in {head:?}"))?;
-    Ok((status, body.to_string()))
 }
 
 /// Runs `promtool check metrics` on `text`.

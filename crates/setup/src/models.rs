@@ -127,13 +127,7 @@ pub fn models_to_convert(cache: &Path) -> Vec<(&'static str, Conversion)> {
                 return Some((model.name, Conversion::Missing));
             }
             let converter_sha = lmgrid_digest::sha256_hex(model.converter.text.as_bytes());
-            let stamp = model_stamp(
-                model,
-                model.converter.name,
-                &converter_sha,
-                &requirements_sha,
-            );
-            let legacy = legacy_stamp(model, &converter_sha, &requirements_sha);
+            let [stamp, legacy] = accepted_stamps(model, &converter_sha, &requirements_sha);
             (!is_converted(model, &dir, &[&stamp, &legacy]))
                 .then_some((model.name, Conversion::OutOfDate))
         })
@@ -190,13 +184,7 @@ impl Setup {
         let requirements_sha = sha256(python, &scripts.join(REQUIREMENTS.name))?;
         for model in &MODELS {
             let converter_sha = sha256(python, &scripts.join(model.converter.name))?;
-            let stamp = model_stamp(
-                model,
-                model.converter.name,
-                &converter_sha,
-                &requirements_sha,
-            );
-            let legacy = legacy_stamp(model, &converter_sha, &requirements_sha);
+            let [stamp, legacy] = accepted_stamps(model, &converter_sha, &requirements_sha);
             let model_dir = self.cache.join(MODELS_DIR).join(model.name);
             let converted = is_converted(model, &model_dir, &[&stamp, &legacy]);
             if converted {
@@ -282,6 +270,15 @@ fn model_stamp(
     }
     stamp.push_str(&format!("requirements sha256 {requirements_sha}\n"));
     stamp
+}
+
+/// The stamps that mark `model` as converted by this converter and environment: the one
+/// written now (first), and the one written before the scripts moved into this crate.
+fn accepted_stamps(model: &Model, converter_sha: &str, requirements_sha: &str) -> [String; 2] {
+    [
+        model_stamp(model, model.converter.name, converter_sha, requirements_sha),
+        legacy_stamp(model, converter_sha, requirements_sha),
+    ]
 }
 
 /// The same stamp as written before the scripts moved into this crate, naming the

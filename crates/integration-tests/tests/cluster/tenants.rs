@@ -5,9 +5,12 @@
 //! that did not see another's is refused with 409 `tenant_changed`, never lost).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context as _;
-use lmgrid_integration_tests::{HttpResponse, SETTLE_TIMEOUT, Sandbox, http_get, http_request};
+use lmgrid_integration_tests::{
+    HttpResponse, SETTLE_TIMEOUT, Sandbox, ServiceNode, http_get, http_request,
+};
 use lmgrid_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use lmgrid_proto::inference::{ModelInferRequest, model_infer_request};
 use lmgrid_test_support::{EtcdServer, onnx, wait_until};
@@ -287,16 +290,22 @@ async fn keys_name_tenants_and_tenants_may_use_only_their_models() -> anyhow::Re
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn keys_reach_every_replica_and_rotation_revokes_the_old_key() -> anyhow::Result<()> {
-    let etcd = EtcdServer::start().await?;
-    let sandbox = Sandbox::builder(&etcd)
+/// Two gateways that require keys and serve the admin API, and their nodes.
+async fn two_replicas(etcd: &EtcdServer) -> anyhow::Result<(Sandbox, [Arc<ServiceNode>; 2])> {
+    let sandbox = Sandbox::builder(etcd)
         .gateway_auth(required_auth())
         .gateway()
         .gateway()
         .build()
         .await?;
-    let [a, b] = [0, 1].map(|i| sandbox.nodes("gateway")[i].clone());
+    let nodes = [0, 1].map(|i| sandbox.nodes("gateway")[i].clone());
+    Ok((sandbox, nodes))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_reach_every_replica_and_rotation_revokes_the_old_key() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let (_sandbox, [a, b]) = two_replicas(&etcd).await?;
 
     let first = create_tenant(a.admin_addr(), json!({"name": "acme"})).await?;
     wait_for_key(a.http_addr(), &first, 200).await?;
@@ -429,13 +438,7 @@ async fn a_compare_and_set_put_writes_only_over_the_revision_it_names() -> anyho
 async fn concurrent_rotations_through_two_replicas_leave_one_key_and_lose_none()
 -> anyhow::Result<()> {
     let etcd = EtcdServer::start().await?;
-    let sandbox = Sandbox::builder(&etcd)
-        .gateway_auth(required_auth())
-        .gateway()
-        .gateway()
-        .build()
-        .await?;
-    let [a, b] = [0, 1].map(|i| sandbox.nodes("gateway")[i].clone());
+    let (_sandbox, [a, b]) = two_replicas(&etcd).await?;
     let original = create_tenant(a.admin_addr(), json!({"name": "acme"})).await?;
     wait_for_key(b.http_addr(), &original, 200).await?;
 
