@@ -70,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
     let measure = Duration::from_secs_f64(seconds);
+    let logs = install_logs()?;
     let dir = tempfile::tempdir()?;
     let identity = onnx::identity(ElemType::Float, &[WIDTH as i64]);
     onnx::model_repository(
@@ -88,7 +89,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     println!(
         "lmgrid gateway benchmark: identity on {WIDTH} FP32 (batching off), {seconds}s per row, \
-         {} CPUs, worker + gateway + clients in one process",
+         {} CPUs, worker + gateway + clients in one process, logs: {logs}",
         cpus()
     );
 
@@ -182,6 +183,36 @@ fn main() -> anyhow::Result<()> {
     workers.block_on(worker_task)??;
     print_table(&rows);
     Ok(())
+}
+
+/// Installs the log subscriber the services run with (`info` and the plain or JSON lines
+/// of `telemetry.log_format`, an access-log line per request) writing to `/dev/null` when
+/// `LMGRID_BENCH_LOGS` is `plain` or `json`; none when it is `off` (the default). Says which.
+fn install_logs() -> anyhow::Result<String> {
+    let format = std::env::var("LMGRID_BENCH_LOGS").unwrap_or_else(|_| "off".into());
+    let sink = || -> anyhow::Result<std::sync::Mutex<std::fs::File>> {
+        Ok(std::sync::Mutex::new(std::fs::File::create("/dev/null")?))
+    };
+    let filter = || tracing_subscriber::EnvFilter::new("info,ort=warn");
+    match format.as_str() {
+        "off" => return Ok("none".into()),
+        "plain" => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(sink()?)
+            .with_ansi(false)
+            .try_init(),
+        "json" => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter())
+            .with_writer(sink()?)
+            .try_init(),
+        other => anyhow::bail!("LMGRID_BENCH_LOGS: {other:?} is not off, plain or json"),
+    }
+    .map_err(|e| anyhow::anyhow!("install the log subscriber: {e}"))?;
+    Ok(format!("{format} lines at info to /dev/null"))
 }
 
 /// Which groups of rows to run: `LMGRID_BENCH_ROWS`, a comma-separated subset of
