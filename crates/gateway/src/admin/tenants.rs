@@ -74,6 +74,17 @@ async fn unmint(state: &AdminState, key: &keys::NewKey) {
     }
 }
 
+/// Tenant `name` as this replica last saw it, with the revision a write of it names.
+fn read_tenant(state: &AdminState, name: &str) -> Result<Tenant, ApiError> {
+    state
+        .auth
+        .directory()
+        .tenants
+        .get(name)
+        .cloned()
+        .ok_or_else(|| not_found(name))
+}
+
 fn not_found(name: &str) -> ApiError {
     ApiError::new(ErrorKind::NotFound, format!("no tenant '{name}'")).with_code("tenant_not_found")
 }
@@ -241,13 +252,7 @@ pub(super) async fn update(
 ) -> Result<Json<Value>, ApiError> {
     let name = name_of(path)?;
     let _writer = state.writes.lock().await;
-    let mut tenant = state
-        .auth
-        .directory()
-        .tenants
-        .get(&name)
-        .cloned()
-        .ok_or_else(|| not_found(&name))?;
+    let mut tenant = read_tenant(&state, &name)?;
     apply_fields(&mut tenant, &body)?;
     let tenant = state
         .store
@@ -307,13 +312,7 @@ pub(super) async fn create_key(
         .bool("revoke_existing")?
         .unwrap_or(false);
     let _writer = state.writes.lock().await;
-    let mut tenant = state
-        .auth
-        .directory()
-        .tenants
-        .get(&name)
-        .cloned()
-        .ok_or_else(|| not_found(&name))?;
+    let mut tenant = read_tenant(&state, &name)?;
     if !revoke && tenant.keys.len() >= MAX_KEYS {
         return Err(ApiError::new(
             ErrorKind::FailedPrecondition,
@@ -362,13 +361,7 @@ pub(super) async fn revoke_key(
 ) -> Result<StatusCode, ApiError> {
     let Path((name, key_id)) = path.map_err(|r| ApiError::bad_request(r.body_text()))?;
     let _writer = state.writes.lock().await;
-    let mut tenant = state
-        .auth
-        .directory()
-        .tenants
-        .get(&name)
-        .cloned()
-        .ok_or_else(|| not_found(&name))?;
+    let mut tenant = read_tenant(&state, &name)?;
     let Some(position) = tenant.keys.iter().position(|k| k.id == key_id) else {
         return Err(ApiError::new(
             ErrorKind::NotFound,
