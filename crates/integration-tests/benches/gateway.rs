@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use lmgrid_core::config::{AdminConfig, GrpcConfig, NodeConfig, ShutdownConfig};
 use lmgrid_core::discovery::{Discovery, MemoryDiscovery};
 use lmgrid_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use lmgrid_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
@@ -103,7 +102,7 @@ fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::new());
     let worker = workers.block_on(lmgrid_worker::Worker::start(lmgrid_worker::Config {
-        node: node(&discovery),
+        node: lmgrid_test_support::in_process_node(discovery.clone()),
         model_repository: Some(dir.path().to_path_buf()),
         onnxruntime: Default::default(),
     }))?;
@@ -121,7 +120,7 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let gateway = gateways.block_on(lmgrid_gateway::Gateway::start(lmgrid_gateway::Config {
-        node: node(&discovery),
+        node: lmgrid_test_support::in_process_node(discovery.clone()),
         http: lmgrid_gateway::HttpConfig {
             listen_addr: ([127, 0, 0, 1], 0).into(),
             ..Default::default()
@@ -322,26 +321,6 @@ fn set_affinity(gateway: &str, others: &str) -> anyhow::Result<()> {
         anyhow::ensure!(status.success(), "taskset failed: {status}");
     }
     Ok(())
-}
-
-/// A node on a loopback port with the shared in-process discovery and no admin server.
-fn node(discovery: &Arc<dyn Discovery>) -> NodeConfig {
-    NodeConfig {
-        grpc: GrpcConfig {
-            listen_addr: ([127, 0, 0, 1], 0).into(),
-            advertise_addr: None,
-        },
-        admin: AdminConfig {
-            enabled: false,
-            ..AdminConfig::default()
-        },
-        shutdown: ShutdownConfig {
-            drain_delay: Duration::ZERO,
-            grace_period: Duration::from_secs(5),
-        },
-        in_process_discovery: Some(discovery.clone()),
-        ..NodeConfig::default()
-    }
 }
 
 async fn channels(addr: SocketAddr) -> anyhow::Result<Vec<Channel>> {

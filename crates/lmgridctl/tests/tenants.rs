@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use lmgrid_core::config::{AdminConfig, GrpcConfig, NodeConfig, ShutdownConfig};
 use lmgrid_core::discovery::MemoryDiscovery;
 use lmgrid_test_support::wait_until;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -66,22 +65,7 @@ fn key_in(stdout: &str) -> anyhow::Result<String> {
 async fn lmgridctl_manages_tenants_through_the_admin_api() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let node = NodeConfig {
-        grpc: GrpcConfig {
-            listen_addr: loopback,
-            advertise_addr: None,
-        },
-        admin: AdminConfig {
-            enabled: false,
-            ..Default::default()
-        },
-        shutdown: ShutdownConfig {
-            drain_delay: Duration::ZERO,
-            grace_period: Duration::from_secs(5),
-        },
-        in_process_discovery: Some(Arc::new(MemoryDiscovery::new())),
-        ..NodeConfig::default()
-    };
+    let node = lmgrid_test_support::in_process_node(Arc::new(MemoryDiscovery::new()));
     let gateway = lmgrid_gateway::Gateway::start(lmgrid_gateway::Config {
         node,
         http: lmgrid_gateway::HttpConfig {

@@ -19,6 +19,9 @@
 //! The binaries are found on `PATH`; `cargo xtask deps` installs them on a Debian machine.
 //! [`wait_until`] is the polling helper tests use instead of sleeping.
 //!
+//! [`in_process_node`] is the node config of a service a test or benchmark runs in its own
+//! process.
+//!
 //! [`onnx`] builds small ONNX models in Rust (an identity per element type, a two-output
 //! graph, a seeded MLP with a plain-Rust reference, a model with a dynamic sequence axis) and
 //! lays them out as a model repository.
@@ -37,6 +40,30 @@ use anyhow::{Context as _, bail};
 
 pub use etcd::EtcdServer;
 pub use redis::RedisServer;
+
+/// A node for a service run inside a test or benchmark process: gRPC on a free loopback
+/// port, `discovery` in process (no etcd), no admin server, no drain delay.
+pub fn in_process_node(
+    discovery: std::sync::Arc<dyn lmgrid_core::discovery::Discovery>,
+) -> lmgrid_core::config::NodeConfig {
+    use lmgrid_core::config::{AdminConfig, GrpcConfig, NodeConfig, ShutdownConfig};
+    NodeConfig {
+        grpc: GrpcConfig {
+            listen_addr: (Ipv4Addr::LOCALHOST, 0).into(),
+            advertise_addr: None,
+        },
+        admin: AdminConfig {
+            enabled: false,
+            ..AdminConfig::default()
+        },
+        shutdown: ShutdownConfig {
+            drain_delay: Duration::ZERO,
+            grace_period: Duration::from_secs(10),
+        },
+        in_process_discovery: Some(discovery),
+        ..NodeConfig::default()
+    }
+}
 
 /// How often [`wait_until`] re-evaluates its predicate.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);

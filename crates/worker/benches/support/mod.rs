@@ -8,29 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lmgrid_core::config::{AdminConfig, GrpcConfig, NodeConfig, ShutdownConfig};
 use lmgrid_core::discovery::MemoryDiscovery;
 
 /// A worker on a free loopback port serving `repo`, with in-process
 /// discovery, no admin server and no drain delay.
 pub(crate) fn worker_config(repo: &Path) -> lmgrid_worker::Config {
     lmgrid_worker::Config {
-        node: NodeConfig {
-            grpc: GrpcConfig {
-                listen_addr: ([127, 0, 0, 1], 0).into(),
-                advertise_addr: None,
-            },
-            admin: AdminConfig {
-                enabled: false,
-                ..AdminConfig::default()
-            },
-            shutdown: ShutdownConfig {
-                drain_delay: Duration::ZERO,
-                grace_period: Duration::from_secs(5),
-            },
-            in_process_discovery: Some(Arc::new(MemoryDiscovery::new())),
-            ..NodeConfig::default()
-        },
+        node: lmgrid_test_support::in_process_node(Arc::new(MemoryDiscovery::new())),
         model_repository: Some(repo.to_path_buf()),
         onnxruntime: Default::default(),
     }

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use lmgrid_core::config::{AdminConfig, GrpcConfig, NodeConfig, ShutdownConfig};
 use lmgrid_core::discovery::{Discovery as _, Instance, MemoryDiscovery};
 use lmgrid_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use lmgrid_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
@@ -88,23 +87,7 @@ impl TestWorker {
     /// Starts a worker on `repo` and waits until it is ready: every model was tried.
     pub(crate) async fn start(repo: Repo) -> anyhow::Result<TestWorker> {
         let discovery = MemoryDiscovery::new();
-        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
-        let node = NodeConfig {
-            grpc: GrpcConfig {
-                listen_addr: any_port,
-                advertise_addr: None,
-            },
-            admin: AdminConfig {
-                enabled: false,
-                listen_addr: any_port,
-            },
-            shutdown: ShutdownConfig {
-                drain_delay: Duration::ZERO,
-                grace_period: Duration::from_secs(10),
-            },
-            in_process_discovery: Some(Arc::new(discovery.clone())),
-            ..NodeConfig::default()
-        };
+        let node = lmgrid_test_support::in_process_node(Arc::new(discovery.clone()));
         let worker = lmgrid_worker::Worker::start(lmgrid_worker::Config {
             node,
             model_repository: Some(repo.path().to_path_buf()),
