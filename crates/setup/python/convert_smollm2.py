@@ -19,7 +19,8 @@ exist yet, receives one of two variants of the same causal language model:
 
 Each directory holds:
 
-    config.yaml          worker configuration (kind generation, the padding side)
+    config.yaml          worker configuration (kind generation, the padding side, whether
+                         the cache is updated in place)
     tokenizer.json       byte-level BPE built from the GGUF's tokens and merges
     chat_template.jinja  the GGUF's tokenizer.chat_template, verbatim
     1/model.onnx         the graph, weights embedded as initializers
@@ -42,7 +43,9 @@ The two variants pad a batch's shorter rows on different sides:
            tokens go right after them (GroupQueryAttention writes them at column L_b of the
            present cache and reads its L_b + S keys, ignoring the columns after). L_b + S is
            the row's mask sum; the mask's width is the longest row. Positions are L_b onward,
-           so the graph takes no position_ids. A multi-row prefill must be a first prompt
+           so the graph takes no position_ids. When past and present are bound to one buffer
+           wider than T (kv_cache: shared), GroupQueryAttention writes only the new columns
+           and present has the buffer's shape. A multi-row prefill must be a first prompt
            (P = 0); a later chunk of a prompt runs one row alone.
 
 The graph is built with numpy and onnx.helper; no PyTorch. Run by `cargo xtask models` in its
@@ -68,6 +71,9 @@ CONTROL_TOKEN_TYPE = 3  # llama.cpp's token type CONTROL
 NAMES = {"q4": "smollm2-135m-instruct", "fp32": "smollm2-135m-instruct-fp32"}
 # Which side a batch's shorter rows are padded on (see the module docstring).
 PADDING = {"q4": "right", "fp32": "left"}
+# GroupQueryAttention writes new keys and values in place when past and present share a buffer;
+# the plain attention of the reference concatenates them into a new present.
+KV_CACHE = {"q4": "shared", "fp32": "copy"}
 DESCRIPTIONS = {
     "q4": "4-bit MatMulNBits, exact Q4_1 mapping",
     "fp32": "fp32 reference, plain ONNX operators",
@@ -82,6 +88,7 @@ kind: generation
 intra_op_threads: 2
 generation:
   padding: {padding}
+  kv_cache: {kv_cache}
   context_length: {context_length}
   chat_template: chat_template.jinja
   bos_token: {bos_token}
@@ -699,6 +706,7 @@ def config_yaml(gguf, variant):
     return CONFIG_YAML.format(
         description=DESCRIPTIONS[variant],
         padding=PADDING[variant],
+        kv_cache=KV_CACHE[variant],
         positions=", position_ids" if variant == "fp32" else "",
         layers=gguf.layers,
         context_length=gguf.context_length,

@@ -526,6 +526,7 @@ fn load_version(
             generation,
             session,
             &signature,
+            &provider,
             tokenizer,
             chat_template,
         )?;

@@ -104,12 +104,30 @@ pub enum Padding {
     Right,
 }
 
+/// How a decoder's KV cache passes from one step to the next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCache {
+    /// The graph returns the whole cache, old and new positions, as new
+    /// `present.*` tensors, which the next step passes back as past (any
+    /// decoder graph).
+    #[default]
+    Copy,
+    /// Each `past_key_values.*` and its `present.*` are bound to one tensor
+    /// with room for more positions, and the graph writes only the new ones
+    /// in place (ONNX Runtime's `GroupQueryAttention` with right padding).
+    /// Checked when the model loads; CPU only — on CUDA the worker copies.
+    Shared,
+}
+
 /// How a generation model decodes and how much KV cache it may hold.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GenerationConfig {
     /// The padding side the decoder graph takes.
     pub padding: Padding,
+    /// How the cache passes between steps.
+    pub kv_cache: KvCache,
     /// Longest sequence (prompt + completion) the model supports.
     pub context_length: usize,
     /// The Jinja chat template, a file in the model directory. Absent: chat
@@ -137,6 +155,7 @@ impl Default for GenerationConfig {
     fn default() -> Self {
         GenerationConfig {
             padding: Padding::Left,
+            kv_cache: KvCache::Copy,
             context_length: 2048,
             chat_template: None,
             bos_token: String::new(),
@@ -290,6 +309,12 @@ impl GenerationConfig {
         }
         if self.default_max_tokens >= self.context_length {
             return Err("generation.default_max_tokens: must be below context_length".into());
+        }
+        if self.kv_cache == KvCache::Shared && self.padding != Padding::Right {
+            return Err(
+                "generation.kv_cache: shared needs padding: right (each row's new positions are written after its own, from column 0)"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -558,6 +583,15 @@ mod tests {
             error("kind: generation\ngeneration:\n  eos_token_ids: [2]\n  context_length: 100\n  default_max_tokens: 100\n")
                 .contains("default_max_tokens")
         );
+        assert!(
+            error("kind: generation\ngeneration:\n  eos_token_ids: [2]\n  kv_cache: shared\n")
+                .contains("padding: right")
+        );
+        let shared = parse(
+            "kind: generation\ngeneration:\n  eos_token_ids: [2]\n  padding: right\n  kv_cache: shared\n",
+        );
+        assert!(shared.validate().is_ok());
+        assert_eq!(shared.generation.unwrap().kv_cache, KvCache::Shared);
         assert!(
             error("kind: generation\ninstance_count: 2\ngeneration:\n  eos_token_ids: [2]\n")
                 .starts_with("instance_count")

@@ -12,12 +12,19 @@
 //! new tokens are appended there; right, each row's real positions start at
 //! column 0 and the graph writes a row's new token right after its own last
 //! one, at the column its mask sum says.
+//!
+//! A right-padded graph may also update its cache in place ([`KvCache::Shared`]):
+//! each `past_key_values.*` and its `present.*` are bound to one tensor wider
+//! than the longest row (its *capacity*), and ONNX Runtime's
+//! `GroupQueryAttention`, seeing the two at one address, writes only the new
+//! columns instead of copying the whole cache into a new output every step.
 
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 
 use crate::engine::{EngineError, Signature};
-use crate::repository::Padding;
+use crate::repository::{KvCache, Padding};
 use crate::tensor::DataType;
 
 /// The shape of a decoder, read from its graph.
@@ -30,6 +37,8 @@ pub(crate) struct DecoderSpec {
     pub padding: Padding,
     /// Whether the graph takes `position_ids`.
     pub positions: bool,
+    /// How the cache passes from one step to the next.
+    pub cache: KvCache,
     /// `past_key_values.{i}.key`, `past_key_values.{i}.value`, … in layer order.
     past: Vec<String>,
     /// `present.{i}.key`, `present.{i}.value`, … in the same order.
@@ -40,7 +49,8 @@ impl DecoderSpec {
     /// Checks that a graph has the decoder interface for `padding`; errors
     /// say what differs. A left-padded graph must take `position_ids` (its
     /// rows' positions do not follow from their columns); a right-padded one
-    /// may.
+    /// may. The cache starts out [`KvCache::Copy`]; the caller switches it to
+    /// shared once [`Decoder::check_in_place`] passes.
     pub(crate) fn from_signature(signature: &Signature, padding: Padding) -> Result<Self, String> {
         let input = |name: &str| signature.inputs.iter().find(|s| s.name == name);
         let output = |name: &str| signature.outputs.iter().find(|s| s.name == name);
@@ -115,6 +125,7 @@ impl DecoderSpec {
             head_dim,
             padding,
             positions: input("position_ids").is_some(),
+            cache: KvCache::Copy,
             past,
             present,
         })
@@ -126,12 +137,17 @@ impl DecoderSpec {
     }
 }
 
-/// The KV cache of a batch: one tensor per past input, `[rows, heads, width, dim]`.
+/// The KV cache of a batch: one tensor per past input, `[rows, heads,
+/// capacity, dim]`, of which each row's real positions fill `len` columns on
+/// the padding's side and `width` is the longest row.
 #[derive(Debug)]
 pub(crate) struct Kv {
     values: Vec<DynValue>,
     pub rows: usize,
     pub width: usize,
+    /// Columns of the tensors: `width` for a cache the graph copies into a
+    /// new output every step, more for one it updates in place.
+    pub capacity: usize,
 }
 
 /// One row of a new batch: which cache it comes from, which row there, and
@@ -148,16 +164,22 @@ fn run_error(e: impl std::fmt::Display) -> EngineError {
 }
 
 impl Kv {
-    /// A new batch of `sources.len()` rows, `width` wide, each row's real
+    /// A new batch of `sources.len()` rows whose longest row is `width`
+    /// positions, in tensors `capacity` columns wide: each row's real
     /// positions copied to the end of the row the padding leaves them at and
-    /// zeros (masked) beside them.
+    /// zeros (masked) beside them. A cache the graph updates in place is
+    /// allocated by ONNX Runtime (the binding needs tensors it owns).
     pub(crate) fn gather(
-        spec: &DecoderSpec,
+        decoder: &Decoder,
         sources: &[RowSource<'_>],
         width: usize,
+        capacity: usize,
     ) -> Result<Kv, EngineError> {
+        let spec = &decoder.spec;
         let (h, d) = (spec.kv_heads, spec.head_dim);
         let rows = sources.len();
+        debug_assert!(capacity >= width);
+        let shared = spec.cache == KvCache::Shared;
         let mut values = Vec::with_capacity(spec.past.len());
         let mut placed = Vec::with_capacity(rows);
         for index in 0..spec.past.len() {
@@ -168,23 +190,36 @@ impl Kv {
                     .map_err(run_error)?;
                 placed.push(Placed {
                     data,
-                    width: source.kv.width,
+                    capacity: source.kv.capacity,
                     row: source.row,
                     len: source.len,
                 });
             }
-            let mut out = vec![0f32; rows * h * width * d];
-            place_rows(&mut out, width, h, d, &placed, spec.padding);
-            values.push(tensor(vec![rows, h, width, d], out)?);
+            let shape = [rows, h, capacity, d];
+            let value = if shared {
+                // ONNX Runtime zeroes a CPU tensor it allocates.
+                let mut value = Tensor::<f32>::new(decoder.session.allocator(), shape)
+                    .map_err(run_error)?
+                    .into_dyn();
+                let (_, out) = value.try_extract_tensor_mut::<f32>().map_err(run_error)?;
+                place_rows(out, capacity, h, d, &placed, spec.padding);
+                value
+            } else {
+                let mut out = vec![0f32; rows * h * capacity * d];
+                place_rows(&mut out, capacity, h, d, &placed, spec.padding);
+                tensor(shape.to_vec(), out)?
+            };
+            values.push(value);
         }
         Ok(Kv {
             values,
             rows,
             width,
+            capacity,
         })
     }
 
-    /// An empty cache (no positions) for `rows` rows.
+    /// An empty cache (no positions) for `rows` rows, copied by the graph.
     pub(crate) fn empty(spec: &DecoderSpec, rows: usize) -> Result<Kv, EngineError> {
         let values = (0..spec.past.len())
             .map(|_| {
@@ -198,6 +233,7 @@ impl Kv {
             values,
             rows,
             width: 0,
+            capacity: 0,
         })
     }
 }
@@ -212,35 +248,35 @@ fn tensor<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 
         .into_dyn())
 }
 
-/// One source row of [`place_rows`]: `data` is `[rows, heads, width, dim]`.
+/// One source row of [`place_rows`]: `data` is `[rows, heads, capacity, dim]`.
 #[derive(Debug)]
 struct Placed<'a> {
     data: &'a [f32],
-    width: usize,
+    capacity: usize,
     row: usize,
     len: usize,
 }
 
 /// Copies the `len` real positions of each source row into row `r` of `out`
-/// (`[rows, heads, width, dim]`): the last `len` columns to the last ones
+/// (`[rows, heads, capacity, dim]`): the last `len` columns to the last ones
 /// for left padding, the first to the first for right padding.
 fn place_rows(
     out: &mut [f32],
-    width: usize,
+    capacity: usize,
     heads: usize,
     dim: usize,
     sources: &[Placed<'_>],
     padding: Padding,
 ) {
     for (r, source) in sources.iter().enumerate() {
-        let len = source.len.min(width).min(source.width);
+        let len = source.len.min(capacity).min(source.capacity);
         let (from_column, to_column) = match padding {
-            Padding::Left => (source.width - len, width - len),
+            Padding::Left => (source.capacity - len, capacity - len),
             Padding::Right => (0, 0),
         };
         for head in 0..heads {
-            let from = ((source.row * heads + head) * source.width + from_column) * dim;
-            let to = ((r * heads + head) * width + to_column) * dim;
+            let from = ((source.row * heads + head) * source.capacity + from_column) * dim;
+            let to = ((r * heads + head) * capacity + to_column) * dim;
             out[to..to + len * dim].copy_from_slice(&source.data[from..from + len * dim]);
         }
     }
@@ -265,44 +301,23 @@ pub(crate) struct StepInput {
 }
 
 impl Decoder {
-    /// Runs one forward pass over `past` and returns each row's logits
-    /// (`rows × vocab`, row-major) and the grown cache.
+    /// Runs one forward pass over `past`, a cache the graph copies, and
+    /// returns each row's logits (`rows × vocab`, row-major) and the grown
+    /// cache.
     pub(crate) fn run(
         &mut self,
         input: StepInput,
         past: Kv,
     ) -> Result<(Vec<f32>, usize, Kv), EngineError> {
-        let StepInput {
-            ids,
-            positions,
-            mask,
-            rows,
-            seq,
-        } = input;
-        let width = past.width + seq;
-        debug_assert_eq!(mask.len(), rows * width);
-        let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(3 + self.spec.past.len());
-        inputs.push(("input_ids".into(), tensor(vec![rows, seq], ids)?));
-        inputs.push(("attention_mask".into(), tensor(vec![rows, width], mask)?));
-        if self.spec.positions {
-            inputs.push(("position_ids".into(), tensor(vec![rows, seq], positions)?));
-        }
+        let rows = input.rows;
+        let width = past.width + input.seq;
+        debug_assert_eq!(past.capacity, past.width);
+        let mut inputs = self.step_inputs(input, past.width)?;
         for (name, value) in self.spec.past.iter().zip(past.values) {
             inputs.push((name.clone(), value));
         }
         let mut outputs = self.session.run(inputs).map_err(run_error)?;
-        let logits = outputs
-            .remove("logits")
-            .ok_or_else(|| EngineError::Run("the model produced no 'logits'".into()))?;
-        let (shape, data) = logits.try_extract_tensor::<f32>().map_err(run_error)?;
-        let vocab = shape.last().copied().unwrap_or(0) as usize;
-        if shape.len() != 3 || shape[0] as usize != rows || vocab == 0 || data.len() != rows * vocab
-        {
-            return Err(EngineError::Run(format!(
-                "'logits' has shape {shape:?}; expected [{rows}, 1, vocab]"
-            )));
-        }
-        let logits = data.to_vec();
+        let (logits, vocab) = logits(&mut outputs, rows)?;
         let mut values = Vec::with_capacity(self.spec.present.len());
         for name in &self.spec.present {
             values.push(
@@ -318,9 +333,149 @@ impl Decoder {
                 values,
                 rows,
                 width,
+                capacity: width,
             },
         ))
     }
+
+    /// Runs one decode step over a cache the graph updates in place: each
+    /// past tensor is bound as its present output too, the graph writes each
+    /// row's new positions after its own, and `kv` grows by `input.seq`
+    /// columns within its capacity. Returns the logits as [`Decoder::run`].
+    pub(crate) fn run_in_place(
+        &mut self,
+        input: StepInput,
+        kv: &mut Kv,
+    ) -> Result<(Vec<f32>, usize), EngineError> {
+        let rows = input.rows;
+        let width = kv.width + input.seq;
+        if width > kv.capacity || rows != kv.rows {
+            return Err(EngineError::Run(format!(
+                "a step to {width} positions over {rows} rows does not fit a cache of {} rows and {} columns",
+                kv.rows, kv.capacity
+            )));
+        }
+        let mut binding = self.session.create_binding().map_err(run_error)?;
+        for (name, value) in self.step_inputs(input, kv.width)? {
+            binding.bind_input(name, &value).map_err(run_error)?;
+        }
+        for (index, value) in kv.values.iter_mut().enumerate() {
+            binding
+                .bind_input(self.spec.past[index].as_str(), value)
+                .map_err(run_error)?;
+            binding
+                .bind_output(self.spec.present[index].as_str(), value)
+                .map_err(run_error)?;
+        }
+        let cpu = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(run_error)?;
+        binding
+            .bind_output_to_device("logits", &cpu)
+            .map_err(run_error)?;
+        let mut outputs = self.session.run_binding(&binding).map_err(run_error)?;
+        let result = logits(&mut outputs, rows)?;
+        kv.width = width;
+        Ok(result)
+    }
+
+    /// `input_ids`, `attention_mask` and (when the graph takes them)
+    /// `position_ids` of a step over `past` cached columns.
+    fn step_inputs(
+        &self,
+        input: StepInput,
+        past: usize,
+    ) -> Result<Vec<(String, DynValue)>, EngineError> {
+        let StepInput {
+            ids,
+            positions,
+            mask,
+            rows,
+            seq,
+        } = input;
+        let width = past + seq;
+        debug_assert_eq!(mask.len(), rows * width);
+        let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(3 + self.spec.past.len());
+        inputs.push(("input_ids".into(), tensor(vec![rows, seq], ids)?));
+        inputs.push(("attention_mask".into(), tensor(vec![rows, width], mask)?));
+        if self.spec.positions {
+            inputs.push(("position_ids".into(), tensor(vec![rows, seq], positions)?));
+        }
+        Ok(inputs)
+    }
+
+    /// Switches to a cache the graph updates in place ([`KvCache::Shared`])
+    /// after checking, with one token over a two-column cache, that it
+    /// really does: ONNX Runtime refuses the binding when the graph's present
+    /// output would be wider than its past (a graph that concatenates), and
+    /// the token's keys must land in column 0. On failure the decoder keeps
+    /// copying.
+    pub(crate) fn share_cache(&mut self) -> Result<(), String> {
+        self.spec.cache = KvCache::Shared;
+        let checked = self.check_in_place();
+        if checked.is_err() {
+            self.spec.cache = KvCache::Copy;
+        }
+        checked.map_err(|e| {
+            format!(
+                "generation.kv_cache: shared needs a graph that writes its new keys and values into the past tensors in place (ONNX Runtime's GroupQueryAttention); this one does not: {e}"
+            )
+        })
+    }
+
+    fn check_in_place(&mut self) -> Result<(), EngineError> {
+        let empty = Kv::empty(&self.spec, 1)?;
+        let source = RowSource {
+            kv: &empty,
+            row: 0,
+            len: 0,
+        };
+        let mut kv = Kv::gather(self, &[source], 0, 2)?;
+        let input = StepInput {
+            ids: vec![0],
+            positions: vec![0],
+            mask: vec![1],
+            rows: 1,
+            seq: 1,
+        };
+        self.run_in_place(input, &mut kv)?;
+        let dim = self.spec.head_dim;
+        let (_, keys) = kv.values[0]
+            .try_extract_tensor::<f32>()
+            .map_err(run_error)?;
+        // Head 0: column 0 holds the new key, column 1 is still untouched.
+        let written = keys[..dim].iter().any(|&v| v != 0.0);
+        let untouched = keys[dim..2 * dim].iter().all(|&v| v == 0.0);
+        if written && untouched {
+            Ok(())
+        } else {
+            Err(EngineError::Run(
+                "the new keys did not appear in column 0 of past_key_values.0.key".into(),
+            ))
+        }
+    }
+}
+
+/// Takes `logits` (`[rows, 1, vocab]`) out of a run's outputs.
+fn logits(
+    outputs: &mut ort::session::SessionOutputs<'_>,
+    rows: usize,
+) -> Result<(Vec<f32>, usize), EngineError> {
+    let logits = outputs
+        .remove("logits")
+        .ok_or_else(|| EngineError::Run("the model produced no 'logits'".into()))?;
+    let (shape, data) = logits.try_extract_tensor::<f32>().map_err(run_error)?;
+    let vocab = shape.last().copied().unwrap_or(0) as usize;
+    if shape.len() != 3 || shape[0] as usize != rows || vocab == 0 || data.len() != rows * vocab {
+        return Err(EngineError::Run(format!(
+            "'logits' has shape {shape:?}; expected [{rows}, 1, vocab]"
+        )));
+    }
+    Ok((data.to_vec(), vocab))
 }
 
 #[cfg(test)]
@@ -376,7 +531,7 @@ mod tests {
         let source: Vec<f32> = (0..12).map(|v| v as f32).collect();
         let placed = [(1, 2), (0, 3)].map(|(row, len)| Placed {
             data: &source,
-            width: 3,
+            capacity: 3,
             row,
             len,
         });

@@ -30,7 +30,7 @@ use tonic::Status;
 
 use crate::engine::Signature;
 use crate::metrics::GenerationMetrics;
-use crate::repository::GenerationConfig;
+use crate::repository::{GenerationConfig, KvCache};
 pub(crate) use decoder::DecoderSpec;
 pub(crate) use sampling::SamplingParams;
 use text::{ChatTemplate, Message};
@@ -117,16 +117,34 @@ fn invalid(message: impl Into<String>) -> Status {
 impl Generator {
     /// Checks the graph, loads the tokenizer and template, and starts the
     /// scheduler thread on `session`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         name: &str,
         version: u64,
         config: GenerationConfig,
         session: Session,
         signature: &Signature,
+        provider: &str,
         tokenizer: &std::path::Path,
         chat_template: Option<String>,
     ) -> Result<Generator, String> {
         let spec = DecoderSpec::from_signature(signature, config.padding)?;
+        let mut decoder = decoder::Decoder { session, spec };
+        if config.kv_cache == KvCache::Shared {
+            if provider.starts_with("cpu") {
+                decoder.share_cache()?;
+            } else {
+                // The cache lives in host memory; a CUDA session would copy
+                // past and present to and from the device, so they never
+                // share an address there.
+                tracing::warn!(
+                    model = name,
+                    version,
+                    provider,
+                    "generation.kv_cache: shared runs on the CPU only; this model copies its cache every step"
+                );
+            }
+        }
         let tokenizer = Tokenizer::from_file(tokenizer)
             .map_err(|e| format!("load tokenizer {}: {e}", tokenizer.display()))?;
         let vocab = tokenizer.get_vocab_size(true);
@@ -145,9 +163,10 @@ impl Generator {
         tracing::info!(
             model = name,
             version,
-            layers = spec.layers,
-            kv_bytes_per_token = spec.bytes_per_token(),
-            kv_budget_bytes = spec.bytes_per_token() * config.max_total_tokens,
+            layers = decoder.spec.layers,
+            kv_cache = ?decoder.spec.cache,
+            kv_bytes_per_token = decoder.spec.bytes_per_token(),
+            kv_budget_bytes = decoder.spec.bytes_per_token() * config.max_total_tokens,
             max_sequences = config.max_sequences,
             "generation model ready"
         );
@@ -155,7 +174,7 @@ impl Generator {
         let occupancy = Arc::new(Occupancy::default());
         let (sender, receiver) = mpsc::channel();
         let scheduler = scheduler::Scheduler::new(
-            decoder::Decoder { session, spec },
+            decoder,
             config.clone(),
             tokenizer.clone(),
             occupancy.clone(),

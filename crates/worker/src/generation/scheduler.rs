@@ -1,11 +1,13 @@
 //! The scheduler thread of one generation model version: continuous
-//! batching over a left-padded KV cache.
+//! batching over a padded KV cache.
 //!
 //! Each turn it takes new requests, drops the ones whose caller went away or
 //! whose deadline passed, admits waiting requests in arrival order while the
 //! KV budget allows (prefilling each prompt alone, in chunks), rebuilds the
 //! batch's cache when rows joined or left, and runs one decode step for every
-//! running sequence.
+//! running sequence. A cache the graph updates in place is built with
+//! [`SHARED_HEADROOM`] free columns and rebuilt wider only when its longest
+//! row reaches the edge.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,7 +24,13 @@ use super::sampling::Sampler;
 use super::text::{Detokenizer, StopMatcher};
 use super::{Event, Finish, Occupancy, Submission};
 use crate::metrics::GenerationMetrics;
-use crate::repository::{GenerationConfig, Padding};
+use crate::repository::{GenerationConfig, KvCache, Padding};
+
+/// Free columns a shared cache is built with beyond its longest row (capped
+/// by the longest reservation): the batch decodes this many steps before its
+/// cache must be copied into a wider one, and memory held stays near what
+/// the rows use rather than what they reserve.
+const SHARED_HEADROOM: usize = 128;
 
 /// One completion being decoded.
 #[derive(Debug)]
@@ -135,7 +143,7 @@ impl Scheduler {
             .set(self.occupancy.waiting.load(Ordering::Relaxed) as i64);
         self.metrics
             .kv_positions
-            .set(self.kv.as_ref().map_or(0, |kv| kv.rows * kv.width) as i64);
+            .set(self.kv.as_ref().map_or(0, |kv| kv.rows * kv.capacity) as i64);
     }
 
     /// A submission leaves the queue (admitted or dropped).
@@ -382,10 +390,16 @@ impl Scheduler {
             }
         }
         let width = sources.iter().map(|s| s.len).max().unwrap_or(0);
+        let reserved = self
+            .running
+            .iter()
+            .chain(joiners.iter().flat_map(|j| &j.sequences))
+            .map(|s| s.reserved);
+        let capacity = self.capacity(width, reserved);
         let kv = if sources.is_empty() {
             None
         } else {
-            Some(Kv::gather(&self.decoder.spec, &sources, width)?)
+            Some(Kv::gather(&self.decoder, &sources, width, capacity)?)
         };
         drop(sources);
         self.running
@@ -400,6 +414,48 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Columns of a cache whose longest row holds `width` positions: that
+    /// many when the graph copies it, [`SHARED_HEADROOM`] more (within the
+    /// longest reservation, at least one more) when it writes in place.
+    fn capacity(&self, width: usize, reserved: impl Iterator<Item = usize>) -> usize {
+        match self.decoder.spec.cache {
+            KvCache::Copy => width,
+            KvCache::Shared => {
+                let widest = reserved.max().unwrap_or(0);
+                (width + SHARED_HEADROOM).min(widest).max(width + 1)
+            }
+        }
+    }
+
+    /// The running rows' cache, copied into tensors with room for the next
+    /// steps when the graph writes in place and the cache is full (a cache
+    /// a lone prefill produced is exactly full).
+    fn with_room(&mut self, kv: Kv) -> Result<Kv, crate::engine::EngineError> {
+        if self.decoder.spec.cache == KvCache::Copy || kv.width < kv.capacity {
+            return Ok(kv);
+        }
+        let started = Instant::now();
+        let sources: Vec<_> = self
+            .running
+            .iter()
+            .map(|seq| RowSource {
+                kv: &kv,
+                row: seq.row,
+                len: seq.kv_len,
+            })
+            .collect();
+        let capacity = self.capacity(kv.width, self.running.iter().map(|s| s.reserved));
+        let wider = Kv::gather(&self.decoder, &sources, kv.width, capacity)?;
+        drop(sources);
+        for (row, seq) in self.running.iter_mut().enumerate() {
+            seq.row = row;
+        }
+        self.metrics
+            .rebuild_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(wider)
+    }
+
     /// One decode step for every running sequence.
     fn step(&mut self) -> Result<(), crate::engine::EngineError> {
         let Some(kv) = self.kv.take() else {
@@ -407,6 +463,7 @@ impl Scheduler {
                 "running sequences without a KV cache".into(),
             ));
         };
+        let kv = self.with_room(kv)?;
         let rows = self.running.len();
         let width = kv.width;
         let mut ids = Vec::with_capacity(rows);
@@ -428,22 +485,31 @@ impl Scheduler {
                 }
             }
         }
+        let input = StepInput {
+            ids,
+            positions,
+            mask,
+            rows,
+            seq: 1,
+        };
         let started = Instant::now();
-        let (logits, vocab, kv) = self.decoder.run(
-            StepInput {
-                ids,
-                positions,
-                mask,
-                rows,
-                seq: 1,
-            },
-            kv,
-        )?;
+        let (logits, vocab) = match self.decoder.spec.cache {
+            KvCache::Copy => {
+                let (logits, vocab, kv) = self.decoder.run(input, kv)?;
+                self.kv = Some(kv);
+                (logits, vocab)
+            }
+            KvCache::Shared => {
+                let mut kv = kv;
+                let result = self.decoder.run_in_place(input, &mut kv)?;
+                self.kv = Some(kv);
+                result
+            }
+        };
         self.metrics
             .step_seconds
             .observe(started.elapsed().as_secs_f64());
         self.metrics.step_rows.observe(rows as f64);
-        self.kv = Some(kv);
         let mut running = std::mem::take(&mut self.running);
         let before = running.len();
         running.retain_mut(|seq| {

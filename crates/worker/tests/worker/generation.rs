@@ -13,7 +13,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::support::{
-    PATIENCE, Repo, TestWorker, assert_status, cached_model, linked_repo, metric,
+    PATIENCE, Repo, TestWorker, assert_status, cached_model, linked_repo, metric, state,
 };
 
 const FP32: &str = "smollm2-135m-instruct-fp32";
@@ -147,6 +147,109 @@ async fn sequences_joining_a_running_batch_decode_exactly_as_alone() -> anyhow::
 #[tokio::test]
 async fn right_padded_sequences_joining_a_running_batch_decode_as_alone() -> anyhow::Result<()> {
     joining_sequences_decode_as_alone(FAST).await
+}
+
+/// The 4-bit graph updates its cache in place (`kv_cache: shared`): one buffer per layer is
+/// bound as past and present, with room for 128 more positions, and copied into a wider one
+/// when the longest row reaches its edge. Decoded alone, each prompt gives exactly the tokens
+/// the same graph gives when it copies its cache every step (`kv_cache: copy`), across the
+/// widening (prompts of ~10 tokens, 150 new ones); decoded together, joining at different
+/// steps, they give the tokens they give alone.
+#[tokio::test]
+async fn an_in_place_cache_decodes_as_a_copied_one() -> anyhow::Result<()> {
+    let source = cached_model(FAST, "generation");
+    let converted = std::fs::read_to_string(source.join("config.yaml"))?;
+    assert!(
+        converted.contains("kv_cache: shared"),
+        "the converter asks for the in-place cache: {converted}"
+    );
+    let copy = config_with(FAST, &[("kv_cache", "copy")]);
+    let repo =
+        Repo::new()?
+            .linked(&source, "in-place", None)?
+            .linked(&source, "copied", Some(&copy))?;
+    let worker = TestWorker::start(repo).await?;
+    let mut client = client(&worker).await?;
+    let prompts = [
+        "1, 2, 3, 4, 5, 6,",
+        "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday, Monday, Tuesday,",
+        "a b c d e f g h i j k l m n o p q r s t u v w x y z a b c",
+    ];
+    let max_tokens = 150;
+    for text in prompts {
+        let in_place = generate(&mut client, prompt("in-place", text, max_tokens)).await?;
+        let copied = generate(&mut client, prompt("copied", text, max_tokens)).await?;
+        assert_eq!(
+            only(&in_place).token_ids,
+            only(&copied).token_ids,
+            "{text:?} decoded differently with the in-place cache"
+        );
+        assert_eq!(
+            only(&in_place).token_ids.len(),
+            max_tokens as usize,
+            "{text:?} ran to max_tokens, past the first buffer's edge"
+        );
+    }
+
+    let mut alone = Vec::new();
+    for text in prompts {
+        let response = generate(&mut client, prompt("in-place", text, max_tokens)).await?;
+        alone.push(only(&response).token_ids.clone());
+    }
+    let mut streams = JoinSet::new();
+    for (i, text) in prompts.iter().enumerate() {
+        let mut stream = client
+            .generate_stream(prompt("in-place", text, max_tokens))
+            .await?
+            .into_inner();
+        // A few steps apart, so each joins a batch already decoding.
+        let mut tokens = Vec::new();
+        while tokens.len() < 5 {
+            let Some(message) = stream.message().await? else {
+                break;
+            };
+            tokens.extend(message.token_ids);
+        }
+        streams.spawn(async move {
+            while let Some(message) = stream.message().await? {
+                tokens.extend(message.token_ids);
+            }
+            anyhow::Ok((i, tokens))
+        });
+    }
+    while let Some(done) = streams.join_next().await {
+        let (i, tokens) = done??;
+        assert_eq!(
+            tokens, alone[i],
+            "{:?} decoded differently in the batch",
+            prompts[i]
+        );
+    }
+    let rows = metric("lmgrid_worker_decode_batch_size_sum", "in-place");
+    let steps = metric("lmgrid_worker_decode_batch_size_count", "in-place");
+    assert!(rows > steps, "the streams shared decode steps");
+    worker.stop().await?;
+    Ok(())
+}
+
+/// `kv_cache: shared` on a graph that concatenates its cache (the fp32 reference) is refused
+/// when the model loads, naming the setting, rather than failing requests later.
+#[tokio::test]
+async fn an_in_place_cache_on_a_copying_graph_is_refused_at_load() -> anyhow::Result<()> {
+    let config = config_with(FP32, &[("padding", "right"), ("kv_cache", "shared")]);
+    let worker = TestWorker::start(smollm_repo(FP32, "fp32-shared", Some(&config))?).await?;
+    let listed = worker.list().await?;
+    let model = listed
+        .iter()
+        .find(|m| m.name == "fp32-shared")
+        .context("the model is listed")?;
+    assert_eq!(state(model), pb::ModelState::Failed, "{model:?}");
+    assert!(
+        model.error.contains("generation.kv_cache: shared"),
+        "{model:?}"
+    );
+    worker.stop().await?;
+    Ok(())
 }
 
 async fn joining_sequences_decode_as_alone(variant: &str) -> anyhow::Result<()> {

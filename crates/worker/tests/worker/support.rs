@@ -431,24 +431,36 @@ pub(crate) fn cached_model(name: &str, kind: &str) -> PathBuf {
 /// `config.yaml` or, if `config` is `None`, the converted one. The other files are linked,
 /// not copied.
 pub(crate) fn linked_repo(source: &Path, name: &str, config: Option<&str>) -> anyhow::Result<Repo> {
-    let repo = Repo::new()?;
-    let dir = repo.path().join(name);
-    std::fs::create_dir_all(dir.join("1"))?;
-    let config = match config {
-        Some(text) => text.to_string(),
-        None => std::fs::read_to_string(source.join("config.yaml"))?,
-    };
-    std::fs::write(dir.join("config.yaml"), config)?;
-    for entry in std::fs::read_dir(source)? {
-        let entry = entry?;
-        let file = entry.file_name();
-        let skip = file == "config.yaml" || file == "1" || file.to_string_lossy().starts_with('.');
-        if !skip {
-            std::os::unix::fs::symlink(entry.path(), dir.join(&file))
-                .with_context(|| format!("link {}", file.to_string_lossy()))?;
+    Repo::new()?.linked(source, name, config)
+}
+
+impl Repo {
+    /// Adds the converted model in `source` as `name`, as [`linked_repo`] does.
+    pub(crate) fn linked(
+        self,
+        source: &Path,
+        name: &str,
+        config: Option<&str>,
+    ) -> anyhow::Result<Repo> {
+        let dir = self.path().join(name);
+        std::fs::create_dir_all(dir.join("1"))?;
+        let config = match config {
+            Some(text) => text.to_string(),
+            None => std::fs::read_to_string(source.join("config.yaml"))?,
+        };
+        std::fs::write(dir.join("config.yaml"), config)?;
+        for entry in std::fs::read_dir(source)? {
+            let entry = entry?;
+            let file = entry.file_name();
+            let skip =
+                file == "config.yaml" || file == "1" || file.to_string_lossy().starts_with('.');
+            if !skip {
+                std::os::unix::fs::symlink(entry.path(), dir.join(&file))
+                    .with_context(|| format!("link {}", file.to_string_lossy()))?;
+            }
         }
+        std::os::unix::fs::symlink(source.join("1/model.onnx"), dir.join("1/model.onnx"))
+            .context("link model.onnx")?;
+        Ok(self)
     }
-    std::os::unix::fs::symlink(source.join("1/model.onnx"), dir.join("1/model.onnx"))
-        .context("link model.onnx")?;
-    Ok(repo)
 }
