@@ -4,11 +4,14 @@
 //! Rows of the table, per variant (`smollm2-135m-instruct`, 4-bit, and
 //! `smollm2-135m-instruct-fp32`):
 //! - raw ONNX Runtime: one session, a prompt prefilled for `b` identical rows,
-//!   then greedy decode steps in a loop, `b` = 1, 4, 8, 16 — the limit;
+//!   then greedy decode steps in a loop, `b` = 1, 4, 8, 16 — the limit; for a
+//!   model whose `config.yaml` says `kv_cache: shared`, also the same loop
+//!   with each past and present bound to one buffer the graph writes in place;
 //! - the worker over gRPC: `c` = 1, 4, 8, 16 concurrent `GenerateStream`
 //!   calls, each restarted as soon as it ends, for the measuring time;
 //!   tokens/s counts every streamed token, time to first token is from the
-//!   call to its first token.
+//!   call to its first token. A `kv_cache: shared` model is served twice: as
+//!   converted, and with `kv_cache: copy`.
 //!
 //! Also printed: resident memory after loading each variant. The models come
 //! from `cargo xtask models`. `LMGRID_BENCH_SECONDS` (default 10) sets the
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 use lmgrid_proto::lmgrid::v1 as pb;
 use lmgrid_proto::lmgrid::v1::generation_service_client::GenerationServiceClient;
 use lmgrid_worker::engine::{ProviderConfig, Runtime};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::value::{DynValue, Tensor};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -31,9 +35,18 @@ use support::{models_dir, percentile_ms, worker_config};
 const QUESTION: &str = "Write a long story about a lighthouse keeper and a storm.";
 const WIDTHS: [usize; 4] = [1, 4, 8, 16];
 
+/// How the KV cache passes between steps (`kv_cache: copy` or `shared`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cache {
+    Copied,
+    InPlace,
+}
+
 struct Row {
     variant: String,
-    case: &'static str,
+    /// The raw decode loop, else the worker.
+    raw: bool,
+    cache: Cache,
     streams: usize,
     tokens_per_s: f64,
     ttft_p50_ms: f64,
@@ -87,11 +100,29 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut memory = Vec::new();
     let mut drifts = Vec::new();
+    let shared = |variant: &str| {
+        std::fs::read_to_string(models.join(variant).join("config.yaml"))
+            .is_ok_and(|config| config.lines().any(|l| l.trim() == "kv_cache: shared"))
+    };
     for variant in &variants {
         let path = models.join(variant).join("1/model.onnx");
         let (mut session, _) = runtime.session(&path, &ProviderConfig::default(), 2)?;
+        let caches: &[Cache] = if shared(variant) {
+            &[Cache::Copied, Cache::InPlace]
+        } else {
+            &[Cache::Copied]
+        };
         for width in WIDTHS {
-            rows.push(raw_row(&mut session, variant, width, tokens, measure)?);
+            for &cache in caches {
+                rows.push(raw_row(
+                    &mut session,
+                    variant,
+                    cache,
+                    width,
+                    tokens,
+                    measure,
+                )?);
+            }
         }
     }
 
@@ -99,40 +130,67 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     for variant in &variants {
-        // A repository holding just this variant, so memory is its own.
-        let repo = tempfile::tempdir()?;
-        std::os::unix::fs::symlink(models.join(variant), repo.path().join(variant))?;
-        let before = memory_mib().0;
-        tokio.block_on(async {
-            let shutdown = CancellationToken::new();
-            let worker = lmgrid_worker::Worker::start(worker_config(repo.path())).await?;
-            let addr = worker.grpc_addr();
-            let table = worker.models();
-            let task = tokio::spawn(worker.run(shutdown.clone()));
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while table.resolve(variant, "").is_err() {
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "{variant} did not load: {:?}",
-                    table.statuses()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let caches: &[Cache] = if shared(variant) {
+            &[Cache::InPlace, Cache::Copied]
+        } else {
+            &[Cache::Copied]
+        };
+        for &cache in caches {
+            // A repository holding just this variant, so memory is its own; the copied
+            // cache of a shared model through its config.
+            let repo = tempfile::tempdir()?;
+            let dir = repo.path().join(variant);
+            std::fs::create_dir(&dir)?;
+            for entry in std::fs::read_dir(models.join(variant))? {
+                let entry = entry?;
+                if entry.file_name() != "config.yaml" {
+                    std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name()))?;
+                }
             }
-            memory.push((variant.clone(), memory_mib().0 - before));
-            let channel = Channel::from_shared(format!("http://{addr}"))?
-                .tcp_nodelay(true)
-                .connect()
-                .await?;
-            // Warm up, as the raw loop does.
-            worker_row(&channel, variant, 1, 4, Duration::from_millis(1)).await?;
-            for streams in WIDTHS {
-                rows.push(worker_row(&channel, variant, streams, tokens, measure).await?);
-            }
-            drifts.push((variant.clone(), drift(&channel, variant).await?));
-            shutdown.cancel();
-            task.await??;
-            anyhow::Ok(())
-        })?;
+            let config = std::fs::read_to_string(models.join(variant).join("config.yaml"))?;
+            let config = match cache {
+                Cache::InPlace => config,
+                Cache::Copied => config.replace("kv_cache: shared", "kv_cache: copy"),
+            };
+            std::fs::write(dir.join("config.yaml"), config)?;
+            let before = memory_mib().0;
+            tokio.block_on(async {
+                let shutdown = CancellationToken::new();
+                let worker = lmgrid_worker::Worker::start(worker_config(repo.path())).await?;
+                let addr = worker.grpc_addr();
+                let table = worker.models();
+                let task = tokio::spawn(worker.run(shutdown.clone()));
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while table.resolve(variant, "").is_err() {
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "{variant} did not load: {:?}",
+                        table.statuses()
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if cache == caches[0] {
+                    memory.push((variant.clone(), memory_mib().0 - before));
+                }
+                let channel = Channel::from_shared(format!("http://{addr}"))?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await?;
+                // Warm up, as the raw loop does.
+                worker_row(&channel, variant, cache, 1, 4, Duration::from_millis(1)).await?;
+                for streams in WIDTHS {
+                    rows.push(
+                        worker_row(&channel, variant, cache, streams, tokens, measure).await?,
+                    );
+                }
+                if cache == caches[0] {
+                    drifts.push((variant.clone(), drift(&channel, variant).await?));
+                }
+                shutdown.cancel();
+                task.await??;
+                anyhow::Ok(())
+            })?;
+        }
     }
 
     println!();
@@ -143,22 +201,38 @@ fn main() -> anyhow::Result<()> {
     for row in &rows {
         let single = rows
             .iter()
-            .find(|r| r.variant == row.variant && r.case == row.case && r.streams == 1)
+            .find(|r| {
+                r.variant == row.variant
+                    && r.raw == row.raw
+                    && r.cache == row.cache
+                    && r.streams == 1
+            })
             .map_or(f64::NAN, |r| row.tokens_per_s / r.tokens_per_s);
         let raw = rows
             .iter()
-            .find(|r| r.variant == row.variant && r.case == RAW && r.streams == row.streams)
+            .find(|r| {
+                r.variant == row.variant
+                    && r.raw
+                    && r.cache == row.cache
+                    && r.streams == row.streams
+            })
             .map_or(f64::NAN, |r| row.tokens_per_s / r.tokens_per_s);
+        let case = match (row.raw, row.cache) {
+            (true, Cache::Copied) => "raw ONNX Runtime",
+            (true, Cache::InPlace) => "raw ONNX Runtime, cache in place",
+            (false, Cache::Copied) => "worker (GenerateStream), cache copied",
+            (false, Cache::InPlace) => "worker (GenerateStream), cache in place",
+        };
         println!(
             "| {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {} |",
             row.variant,
-            row.case,
+            case,
             row.streams,
             row.tokens_per_s,
             single,
             row.ttft_p50_ms,
             row.ttft_p99_ms,
-            if row.case == RAW {
+            if row.raw {
                 "—".to_string()
             } else {
                 format!("{raw:.2}")
@@ -183,9 +257,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-const RAW: &str = "raw ONNX Runtime";
-const WORKER: &str = "worker (GenerateStream)";
-
 fn value(shape: Vec<i64>, data: Vec<i64>) -> anyhow::Result<DynValue> {
     Ok(Tensor::from_array((shape, data))?.into_dyn())
 }
@@ -195,6 +266,7 @@ fn value(shape: Vec<i64>, data: Vec<i64>) -> anyhow::Result<DynValue> {
 fn raw_row(
     session: &mut ort::session::Session,
     variant: &str,
+    cache: Cache,
     width: usize,
     tokens: usize,
     measure: Duration,
@@ -204,13 +276,17 @@ fn raw_row(
         .iter()
         .filter(|i| i.name().ends_with(".key") && i.name().starts_with("past_key_values."))
         .count();
+    let cycle = match cache {
+        Cache::Copied => decode_cycle,
+        Cache::InPlace => decode_cycle_in_place,
+    };
     // Warm up: ONNX Runtime's first runs allocate its arenas.
-    decode_cycle(session, layers, width, 4)?;
+    cycle(session, layers, width, 4)?;
     let mut generated = 0usize;
     let mut ttfts = Vec::new();
     let started = Instant::now();
     while started.elapsed() < measure {
-        let (ttft, n) = decode_cycle(session, layers, width, tokens)?;
+        let (ttft, n) = cycle(session, layers, width, tokens)?;
         ttfts.push(ttft);
         generated += n;
     }
@@ -218,7 +294,8 @@ fn raw_row(
     ttfts.sort();
     Ok(Row {
         variant: variant.to_string(),
-        case: RAW,
+        raw: true,
+        cache,
         streams: width,
         tokens_per_s: generated as f64 / elapsed,
         ttft_p50_ms: percentile_ms(&ttfts, 0.5),
@@ -282,17 +359,7 @@ fn decode_cycle(
         let logits = outputs
             .remove("logits")
             .ok_or_else(|| anyhow::anyhow!("no logits"))?;
-        let (shape, data) = logits.try_extract_tensor::<f32>()?;
-        let vocab = shape[2] as usize;
-        let next: Vec<i64> = data
-            .chunks(vocab)
-            .map(|row| {
-                row.iter()
-                    .enumerate()
-                    .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
-                    .0 as i64
-            })
-            .collect();
+        let next = greedy(&logits)?;
         past = (0..2 * layers)
             .map(|i| {
                 let part = if i % 2 == 0 { "key" } else { "value" };
@@ -307,6 +374,80 @@ fn decode_cycle(
         len += seq;
         seq = 1;
         positions = vec![len as i64; width];
+        ids = next;
+    }
+    Ok((ttft, steps * width))
+}
+
+/// Each row's most likely next token.
+fn greedy(logits: &DynValue) -> anyhow::Result<Vec<i64>> {
+    let (shape, data) = logits.try_extract_tensor::<f32>()?;
+    let vocab = shape[2] as usize;
+    Ok(data
+        .chunks(vocab)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                .0 as i64
+        })
+        .collect())
+}
+
+/// [`decode_cycle`] for a right-padded graph that updates its cache in place:
+/// each past and its present are bound to one buffer with room for the whole
+/// cycle, so no step copies the cache.
+fn decode_cycle_in_place(
+    session: &mut ort::session::Session,
+    layers: usize,
+    width: usize,
+    steps: usize,
+) -> anyhow::Result<(Duration, usize)> {
+    let prompt: Vec<i64> = (0..40).map(|i| 1000 + i).collect();
+    let t = Instant::now();
+    let mut ttft = Duration::ZERO;
+    let capacity = prompt.len() + steps;
+    let mut buffers = (0..2 * layers)
+        .map(|_| Ok(Tensor::<f32>::new(session.allocator(), [width, 3, capacity, 64])?.into_dyn()))
+        .collect::<anyhow::Result<Vec<DynValue>>>()?;
+    let cpu = MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )?;
+    let mut ids: Vec<i64> = prompt
+        .iter()
+        .cycle()
+        .take(width * prompt.len())
+        .copied()
+        .collect();
+    let mut seq = prompt.len();
+    let mut len = 0usize;
+    for step in 0..steps {
+        let mut binding = session.create_binding()?;
+        binding.bind_input("input_ids", &value(vec![width as i64, seq as i64], ids)?)?;
+        let mask = vec![1i64; width * (len + seq)];
+        binding.bind_input(
+            "attention_mask",
+            &value(vec![width as i64, (len + seq) as i64], mask)?,
+        )?;
+        for (i, buffer) in buffers.iter_mut().enumerate() {
+            let part = if i % 2 == 0 { "key" } else { "value" };
+            binding.bind_input(format!("past_key_values.{}.{part}", i / 2), buffer)?;
+            binding.bind_output(format!("present.{}.{part}", i / 2), buffer)?;
+        }
+        binding.bind_output_to_device("logits", &cpu)?;
+        let mut outputs = session.run_binding(&binding)?;
+        let logits = outputs
+            .remove("logits")
+            .ok_or_else(|| anyhow::anyhow!("no logits"))?;
+        let next = greedy(&logits)?;
+        if step == 0 {
+            ttft = t.elapsed();
+        }
+        len += seq;
+        seq = 1;
         ids = next;
     }
     Ok((ttft, steps * width))
@@ -398,6 +539,7 @@ async fn drift(channel: &Channel, variant: &str) -> anyhow::Result<String> {
 async fn worker_row(
     channel: &Channel,
     variant: &str,
+    cache: Cache,
     streams: usize,
     tokens: usize,
     measure: Duration,
@@ -456,7 +598,8 @@ async fn worker_row(
     ttfts.sort();
     Ok(Row {
         variant: variant.to_string(),
-        case: WORKER,
+        raw: false,
+        cache,
         streams,
         tokens_per_s: generated as f64 / elapsed,
         ttft_p50_ms: percentile_ms(&ttfts, 0.5),

@@ -157,7 +157,7 @@ static GEN_WAITING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 static GEN_KV_POSITIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge(
         "lmgrid_worker_generation_kv_cache_positions",
-        "Token positions allocated in the KV cache (rows × width, padding included).",
+        "Token positions allocated in the KV cache (rows × columns, padding and in-place headroom included).",
     )
 });
 static GEN_PROMPT_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {

@@ -147,7 +147,8 @@ pub struct GenerationConfig {
     pub default_max_tokens: usize,
     /// Requests waiting for a slot, at most; more → RESOURCE_EXHAUSTED.
     pub max_queue_size: usize,
-    /// Prompt tokens prefilled between two decode steps, at least one prompt.
+    /// Prompt tokens run per forward pass and prefilled between two decode
+    /// steps; a longer prompt goes on over several turns.
     pub prefill_chunk_tokens: usize,
 }
 

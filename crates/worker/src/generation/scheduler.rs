@@ -3,9 +3,11 @@
 //!
 //! Each turn it takes new requests, drops the ones whose caller went away or
 //! whose deadline passed, admits waiting requests in arrival order while the
-//! KV budget allows (prefilling each prompt alone, in chunks), rebuilds the
-//! batch's cache when rows joined or left, and runs one decode step for every
-//! running sequence. A cache the graph updates in place is built with
+//! KV budget allows and prefills them (each prompt alone, in chunks, at most
+//! `prefill_chunk_tokens` per turn: a long prompt's prefill is spread over
+//! turns so the running sequences keep decoding), rebuilds the batch's cache
+//! when rows joined or left, and runs one decode step for every running
+//! sequence. A cache the graph updates in place is built with
 //! [`SHARED_HEADROOM`] free columns and rebuilt wider only when its longest
 //! row reaches the edge.
 
@@ -60,6 +62,20 @@ struct Joiner {
     sequences: Vec<Sequence>,
 }
 
+/// An admitted request whose prompt is partly through the model.
+#[derive(Debug)]
+struct Prefill {
+    submission: Submission,
+    /// The cache of the prompt's first `done` tokens.
+    kv: Kv,
+    done: usize,
+    /// The last chunk's logits: the prompt's last token's once `done` is the
+    /// whole prompt.
+    logits: Vec<f32>,
+    /// Time spent running its chunks.
+    busy: std::time::Duration,
+}
+
 pub(super) struct Scheduler {
     decoder: Decoder,
     config: GenerationConfig,
@@ -67,6 +83,9 @@ pub(super) struct Scheduler {
     occupancy: Arc<Occupancy>,
     metrics: GenerationMetrics,
     waiting: VecDeque<Submission>,
+    /// The request being prefilled across turns, if any; it holds its KV
+    /// reservation already.
+    prefilling: Option<Prefill>,
     running: Vec<Sequence>,
     /// The running sequences' cache; `Sequence::row` indexes it.
     kv: Option<Kv>,
@@ -89,6 +108,7 @@ impl Scheduler {
             occupancy,
             metrics,
             waiting: VecDeque::new(),
+            prefilling: None,
             running: Vec::new(),
             kv: None,
             dirty: false,
@@ -99,7 +119,7 @@ impl Scheduler {
     pub(super) fn run(mut self, queue: Receiver<Submission>) {
         let mut open = true;
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() && self.prefilling.is_none() {
                 self.publish();
                 if !open {
                     break;
@@ -171,6 +191,16 @@ impl Scheduler {
         for _ in 0..dropped {
             self.dequeued();
         }
+        if let Some(prefill) = &self.prefilling {
+            let events = &prefill.submission.events;
+            if events.is_closed() || expired(prefill.submission.deadline) {
+                if !events.is_closed() {
+                    let _ = events.send(Event::Failed(deadline_status()));
+                }
+                self.prefilling = None;
+                dropped += 1;
+            }
+        }
         let before = self.running.len();
         self.running.retain(|seq| {
             if seq.events.is_closed() {
@@ -193,72 +223,91 @@ impl Scheduler {
     /// KV budget: rows × the longest reservation (the cache is as wide as its
     /// longest row) and the sequence limit.
     fn fits(&self, joining: &[Joiner], n: usize, reserved: usize) -> bool {
-        let rows =
-            self.running.len() + joining.iter().map(|j| j.sequences.len()).sum::<usize>() + n;
+        let (prefill_rows, prefill_reserved) = self.prefilling.as_ref().map_or((0, 0), |p| {
+            (p.submission.request.n, reservation(&p.submission))
+        });
+        let rows = self.running.len()
+            + joining.iter().map(|j| j.sequences.len()).sum::<usize>()
+            + prefill_rows
+            + n;
         let widest = self
             .running
             .iter()
             .chain(joining.iter().flat_map(|j| &j.sequences))
             .map(|s| s.reserved)
-            .fold(reserved, usize::max);
+            .fold(reserved.max(prefill_reserved), usize::max);
         rows <= self.config.max_sequences && rows * widest <= self.config.max_total_tokens
     }
 
-    /// Prefills waiting requests, in arrival order, while they fit and the
-    /// turn's prefill budget lasts (the first always gets its turn).
+    /// Prefills for this turn: first more of the prompt being prefilled, then
+    /// waiting requests in arrival order while they fit, until the turn's
+    /// `prefill_chunk_tokens` are spent. A prompt the budget does not finish
+    /// stays [`Scheduler::prefilling`] and goes on next turn, after a decode
+    /// step of the running sequences. Returns the requests whose prompt is
+    /// done.
     fn admit(&mut self) -> Vec<Joiner> {
         let mut joiners = Vec::new();
-        let mut budget = self.config.prefill_chunk_tokens;
-        while let Some(next) = self.waiting.front() {
-            let request = &next.request;
-            let reserved = request.prompt.len() + request.max_tokens;
-            if !self.fits(&joiners, request.n, reserved) {
-                break;
-            }
-            if !joiners.is_empty() && request.prompt.len() > budget {
-                break;
-            }
-            let Some(submission) = self.waiting.pop_front() else {
-                break;
-            };
-            self.dequeued();
-            budget = budget.saturating_sub(submission.request.prompt.len());
-            match self.prefill(submission) {
-                Ok(Some(joiner)) => joiners.push(joiner),
-                Ok(None) => {}
-                Err((events, e)) => {
-                    tracing::error!(error = %e, "prefill failed");
-                    let _ = events.send(Event::Failed(
-                        ErrorKind::Internal.status(format!("prefill: {e}")),
-                    ));
+        let mut budget = self.config.prefill_chunk_tokens.max(1);
+        loop {
+            let prefill = match self.prefilling.take() {
+                Some(prefill) => prefill,
+                None => {
+                    let Some(next) = self.waiting.front() else {
+                        break;
+                    };
+                    if budget == 0 || !self.fits(&joiners, next.request.n, reservation(next)) {
+                        break;
+                    }
+                    let Some(submission) = self.waiting.pop_front() else {
+                        break;
+                    };
+                    self.dequeued();
+                    match Kv::empty(&self.decoder.spec, 1) {
+                        Ok(kv) => Prefill {
+                            submission,
+                            kv,
+                            done: 0,
+                            logits: Vec::new(),
+                            busy: std::time::Duration::ZERO,
+                        },
+                        Err(e) => {
+                            prefill_failed(&submission.events, &e);
+                            continue;
+                        }
+                    }
                 }
+            };
+            match self.prefill(prefill, &mut budget) {
+                Ok(Progress::Done(Some(joiner))) => joiners.push(joiner),
+                Ok(Progress::Done(None)) => {}
+                Ok(Progress::Partial(prefill)) => {
+                    self.prefilling = Some(prefill);
+                    break;
+                }
+                Err((events, e)) => prefill_failed(&events, &e),
             }
         }
         joiners
     }
 
-    /// Runs a prompt through the model in chunks and samples each of its
-    /// completions' first token. `None` when every completion already ended.
+    /// Runs chunks of a prompt through the model while `budget` lasts, and
+    /// once the whole prompt is in, samples each of its completions' first
+    /// token (`Done(None)` when every completion already ended).
     fn prefill(
         &mut self,
-        submission: Submission,
-    ) -> Result<Option<Joiner>, (UnboundedSender<Event>, crate::engine::EngineError)> {
-        let Submission {
-            request,
-            deadline,
-            events,
-            enqueued,
-        } = submission;
-        let started = Instant::now();
-        let prompt_len = request.prompt.len();
-        let fail = |e| (events.clone(), e);
-        let mut kv = Kv::empty(&self.decoder.spec, 1).map_err(fail)?;
-        let mut logits = Vec::new();
+        mut prefill: Prefill,
+        budget: &mut usize,
+    ) -> Result<Progress, (UnboundedSender<Event>, crate::engine::EngineError)> {
+        let prompt_len = prefill.submission.request.prompt.len();
         let chunk = self.config.prefill_chunk_tokens.max(1);
-        for start in (0..prompt_len).step_by(chunk) {
-            let end = (start + chunk).min(prompt_len);
+        while prefill.done < prompt_len && *budget > 0 {
+            let (start, end) = (
+                prefill.done,
+                (prefill.done + chunk.min(*budget)).min(prompt_len),
+            );
+            let started = Instant::now();
             let input = StepInput {
-                ids: request.prompt[start..end]
+                ids: prefill.submission.request.prompt[start..end]
                     .iter()
                     .map(|&t| i64::from(t))
                     .collect(),
@@ -267,13 +316,33 @@ impl Scheduler {
                 rows: 1,
                 seq: end - start,
             };
-            let (l, _, next) = self.decoder.run(input, kv).map_err(fail)?;
-            logits = l;
-            kv = next;
+            let (logits, _, kv) = self
+                .decoder
+                .run(input, prefill.kv)
+                .map_err(|e| (prefill.submission.events.clone(), e))?;
+            prefill.kv = kv;
+            prefill.logits = logits;
+            prefill.done = end;
+            prefill.busy += started.elapsed();
+            *budget -= end - start;
         }
-        self.metrics
-            .prefill_seconds
-            .observe(started.elapsed().as_secs_f64());
+        if prefill.done < prompt_len {
+            return Ok(Progress::Partial(prefill));
+        }
+        let Prefill {
+            submission:
+                Submission {
+                    request,
+                    deadline,
+                    events,
+                    enqueued,
+                },
+            kv,
+            logits,
+            busy,
+            ..
+        } = prefill;
+        self.metrics.prefill_seconds.observe(busy.as_secs_f64());
         self.metrics.prompt_tokens.inc_by(prompt_len as u64);
         self.metrics
             .time_to_first_token
@@ -304,7 +373,9 @@ impl Scheduler {
                 sequences.push(seq);
             }
         }
-        Ok((!sequences.is_empty()).then_some(Joiner { kv, sequences }))
+        Ok(Progress::Done(
+            (!sequences.is_empty()).then_some(Joiner { kv, sequences }),
+        ))
     }
 
     /// Handles a sampled token: sends its text, and finishes the sequence on
@@ -536,6 +607,25 @@ impl Scheduler {
         self.kv = None;
         self.dirty = false;
     }
+}
+
+/// Where a prefill stands after a turn.
+#[derive(Debug)]
+enum Progress {
+    Done(Option<Joiner>),
+    Partial(Prefill),
+}
+
+/// Positions a request reserves: its prompt and `max_tokens`.
+fn reservation(submission: &Submission) -> usize {
+    submission.request.prompt.len() + submission.request.max_tokens
+}
+
+fn prefill_failed(events: &UnboundedSender<Event>, e: &crate::engine::EngineError) {
+    tracing::error!(error = %e, "prefill failed");
+    let _ = events.send(Event::Failed(
+        ErrorKind::Internal.status(format!("prefill: {e}")),
+    ));
 }
 
 fn deadline_status() -> tonic::Status {

@@ -3,6 +3,8 @@
 //! sequence decoded inside a continuous batch must produce exactly the tokens it produces
 //! alone. Without the converted models these tests fail, saying what to run.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -23,20 +25,36 @@ fn smollm_repo(variant: &str, name: &str, config: Option<&str>) -> anyhow::Resul
     linked_repo(&cached_model(variant, "generation"), name, config)
 }
 
-/// The converted config with `generation` keys replaced.
+/// The converted config with `generation` keys replaced, or added when it has none.
 fn config_with(variant: &str, replace: &[(&str, &str)]) -> String {
     let source = cached_model(variant, "generation").join("config.yaml");
     let text = std::fs::read_to_string(&source).unwrap_or_default();
-    text.lines()
-        .map(|line| {
-            let key = line.trim_start().split(':').next().unwrap_or_default();
-            match replace.iter().find(|(k, _)| *k == key) {
-                Some((k, v)) => format!("  {k}: {v}"),
-                None => line.to_string(),
+    // Where keys the config does not have go: first in the generation section.
+    const MISSING: &str = "\u{0}";
+    let mut lines = Vec::new();
+    let mut replaced = Vec::new();
+    for line in text.lines() {
+        let key = line.trim_start().split(':').next().unwrap_or_default();
+        match replace.iter().find(|(k, _)| *k == key) {
+            Some((k, v)) => {
+                lines.push(format!("  {k}: {v}"));
+                replaced.push(*k);
             }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+            None => lines.push(line.to_string()),
+        }
+        if line == "generation:" {
+            lines.push(MISSING.to_string());
+        }
+    }
+    let added: Vec<String> = replace
+        .iter()
+        .filter(|(k, _)| !replaced.contains(k))
+        .map(|(k, v)| format!("  {k}: {v}"))
+        .collect();
+    if let Some(at) = lines.iter().position(|l| l == MISSING) {
+        lines.splice(at..=at, added);
+    }
+    lines.join("\n")
 }
 
 async fn client(worker: &TestWorker) -> anyhow::Result<GenerationServiceClient<Channel>> {
@@ -314,6 +332,59 @@ async fn joining_sequences_decode_as_alone(variant: &str) -> anyhow::Result<()> 
         rows / steps > 1.5,
         "the streams shared decode steps ({rows} rows in {steps} steps)"
     );
+    worker.stop().await?;
+    Ok(())
+}
+
+/// A long prompt's prefill is spread over turns, `prefill_chunk_tokens` per turn, each
+/// followed by a decode step of the running sequences: a stream already decoding keeps
+/// getting tokens while ~200 prompt tokens go in 8 at a time (~25 turns), instead of waiting
+/// for the whole prefill; and the long prompt gets the answer it gets alone.
+#[tokio::test]
+async fn a_long_prefill_does_not_stall_running_streams() -> anyhow::Result<()> {
+    let config = config_with(FAST, &[("prefill_chunk_tokens", "8")]);
+    let worker = TestWorker::start(smollm_repo(FAST, "smollm-chunks", Some(&config))?).await?;
+    let mut client = client(&worker).await?;
+    let long_text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+    let alone = generate(&mut client, prompt("smollm-chunks", &long_text, 8)).await?;
+    let prompt_tokens = alone.usage.context("usage")?.prompt_tokens;
+    assert!(prompt_tokens >= 200, "{prompt_tokens} prompt tokens");
+
+    let mut running = client
+        .generate_stream(prompt("smollm-chunks", "1, 2, 3, 4, 5, 6,", 400))
+        .await?
+        .into_inner();
+    running.message().await?.context("a first delta")?;
+    let received = Arc::new(AtomicUsize::new(0));
+    let reader = tokio::spawn({
+        let received = received.clone();
+        async move {
+            while let Some(message) = running.message().await? {
+                received.fetch_add(message.token_ids.len(), Ordering::SeqCst);
+            }
+            anyhow::Ok(())
+        }
+    });
+    let before = received.load(Ordering::SeqCst);
+    let mut long = client
+        .generate_stream(prompt("smollm-chunks", &long_text, 8))
+        .await?
+        .into_inner();
+    let first = long
+        .message()
+        .await?
+        .context("the long prompt's first delta")?;
+    let during = received.load(Ordering::SeqCst) - before;
+    assert!(
+        during >= 15,
+        "the running stream got {during} tokens while {prompt_tokens} prompt tokens were prefilled 8 per turn"
+    );
+    let mut tokens = first.token_ids;
+    while let Some(message) = long.message().await? {
+        tokens.extend(message.token_ids);
+    }
+    assert_eq!(tokens, only(&alone).token_ids, "decoded as alone");
+    reader.abort();
     worker.stop().await?;
     Ok(())
 }
