@@ -13,7 +13,9 @@
 //!   call to its first token. A `kv_cache: shared` model is served twice: as
 //!   converted, and with `kv_cache: copy`.
 //!
-//! Also printed: resident memory after loading each variant. The models come
+//! Worker rows also show the mean decode step and regathering time per step,
+//! from the worker's own histograms. Also printed: resident memory after
+//! loading each variant. The models come
 //! from `cargo xtask models`. `LMGRID_BENCH_SECONDS` (default 10) sets the
 //! measuring time per row, `LMGRID_BENCH_TOKENS` (default 64) the tokens per
 //! stream, `LMGRID_BENCH_VARIANTS` a comma-separated subset of variants.
@@ -51,6 +53,10 @@ struct Row {
     tokens_per_s: f64,
     ttft_p50_ms: f64,
     ttft_p99_ms: f64,
+    /// Worker rows: mean decode step and regathering time per step, from
+    /// the worker's own histograms over the row.
+    step_ms: f64,
+    regather_ms: f64,
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
@@ -195,9 +201,9 @@ fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "| variant | case | streams | tokens/s | × 1 stream | TTFT p50 ms | TTFT p99 ms | worker / raw |"
+        "| variant | case | streams | tokens/s | × 1 stream | TTFT p50 ms | TTFT p99 ms | worker / raw | step ms | regather ms / step |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in &rows {
         let single = rows
             .iter()
@@ -224,7 +230,7 @@ fn main() -> anyhow::Result<()> {
             (false, Cache::InPlace) => "worker (GenerateStream), cache in place",
         };
         println!(
-            "| {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {} | {} | {} |",
             row.variant,
             case,
             row.streams,
@@ -236,7 +242,9 @@ fn main() -> anyhow::Result<()> {
                 "—".to_string()
             } else {
                 format!("{raw:.2}")
-            }
+            },
+            dash_or(row.step_ms),
+            dash_or(row.regather_ms),
         );
     }
     println!();
@@ -300,6 +308,8 @@ fn raw_row(
         tokens_per_s: generated as f64 / elapsed,
         ttft_p50_ms: percentile_ms(&ttfts, 0.5),
         ttft_p99_ms: percentile_ms(&ttfts, 0.99),
+        step_ms: f64::NAN,
+        regather_ms: f64::NAN,
     })
 }
 
@@ -379,6 +389,14 @@ fn decode_cycle(
     Ok((ttft, steps * width))
 }
 
+fn dash_or(ms: f64) -> String {
+    if ms.is_nan() {
+        "—".to_string()
+    } else {
+        format!("{ms:.1}")
+    }
+}
+
 /// Each row's most likely next token.
 fn greedy(logits: &DynValue) -> anyhow::Result<Vec<i64>> {
     let (shape, data) = logits.try_extract_tensor::<f32>()?;
@@ -451,6 +469,30 @@ fn decode_cycle_in_place(
         ids = next;
     }
     Ok((ttft, steps * width))
+}
+
+const STEP: &str = "lmgrid_worker_decode_step_duration_seconds";
+const REGATHER: &str = "lmgrid_worker_kv_rebuild_duration_seconds";
+
+/// Count and sum of one of the worker's histograms for `model`, from the
+/// process registry.
+fn histogram(name: &str, model: &str) -> (f64, f64) {
+    lmgrid_core::metrics::registry()
+        .gather()
+        .iter()
+        .filter(|family| family.name() == name)
+        .flat_map(|family| family.get_metric())
+        .filter(|metric| {
+            metric
+                .get_label()
+                .iter()
+                .any(|l| l.name() == "model" && l.value() == model)
+        })
+        .map(|metric| {
+            let h = metric.get_histogram();
+            (h.get_sample_count() as f64, h.get_sample_sum())
+        })
+        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
 const DRIFT_PROMPTS: [&str; 8] = [
@@ -544,6 +586,8 @@ async fn worker_row(
     tokens: usize,
     measure: Duration,
 ) -> anyhow::Result<Row> {
+    let steps_before = histogram(STEP, variant);
+    let regathers_before = histogram(REGATHER, variant);
     let started = Instant::now();
     let until = started + measure;
     let mut tasks = JoinSet::new();
@@ -596,6 +640,9 @@ async fn worker_row(
     }
     let elapsed = started.elapsed().as_secs_f64();
     ttfts.sort();
+    let (steps, step_seconds) = histogram(STEP, variant);
+    let (_, regather_seconds) = histogram(REGATHER, variant);
+    let steps = (steps - steps_before.0).max(1.0);
     Ok(Row {
         variant: variant.to_string(),
         raw: false,
@@ -604,5 +651,7 @@ async fn worker_row(
         tokens_per_s: generated as f64 / elapsed,
         ttft_p50_ms: percentile_ms(&ttfts, 0.5),
         ttft_p99_ms: percentile_ms(&ttfts, 0.99),
+        step_ms: (step_seconds - steps_before.1) / steps * 1e3,
+        regather_ms: (regather_seconds - regathers_before.1) / steps * 1e3,
     })
 }
