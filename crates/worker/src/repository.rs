@@ -120,6 +120,16 @@ pub enum KvCache {
     Shared,
 }
 
+impl KvCache {
+    /// The name in `config.yaml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCache::Copy => "copy",
+            KvCache::Shared => "shared",
+        }
+    }
+}
+
 /// How a generation model decodes and how much KV cache it may hold.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]

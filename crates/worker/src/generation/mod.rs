@@ -164,7 +164,7 @@ impl Generator {
             model = name,
             version,
             layers = decoder.spec.layers,
-            kv_cache = ?decoder.spec.cache,
+            kv_cache = decoder.spec.cache.as_str(),
             kv_bytes_per_token = decoder.spec.bytes_per_token(),
             kv_budget_bytes = decoder.spec.bytes_per_token() * config.max_total_tokens,
             max_sequences = config.max_sequences,

@@ -385,6 +385,31 @@ async fn a_long_prefill_does_not_stall_running_streams() -> anyhow::Result<()> {
     }
     assert_eq!(tokens, only(&alone).token_ids, "decoded as alone");
     reader.abort();
+
+    // A deadline that passes while a prompt is part-way in (400 tokens, ~50 turns) ends it
+    // there, before the rest of the prompt runs, and gives its reservation back.
+    let before = metric("lmgrid_worker_generation_cancelled_total", "smollm-chunks");
+    let prompted = metric("lmgrid_worker_prompt_tokens_total", "smollm-chunks");
+    let mut timed = tonic::Request::new(prompt("smollm-chunks", &long_text.repeat(2), 8));
+    timed.set_timeout(Duration::from_millis(300));
+    let status = client.generate(timed).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    let answer = tokio::time::timeout(
+        PATIENCE,
+        generate(&mut client, prompt("smollm-chunks", "Hi!", 2)),
+    )
+    .await
+    .context("a request after the abandoned prefill never ran")??;
+    assert_eq!(only(&answer).token_ids.len(), 2);
+    assert!(metric("lmgrid_worker_generation_cancelled_total", "smollm-chunks") > before);
+    let prefilled = metric("lmgrid_worker_prompt_tokens_total", "smollm-chunks") - prompted;
+    assert!(
+        prefilled < 100.0,
+        "only the short prompt completed its prefill: {prefilled} prompt tokens"
+    );
     worker.stop().await?;
     Ok(())
 }
