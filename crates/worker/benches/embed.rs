@@ -17,11 +17,10 @@ use lmgrid_proto::lmgrid::v1::embedding_service_client::EmbeddingServiceClient;
 use lmgrid_worker::engine::{ProviderConfig, Runtime};
 use ort::value::Tensor;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 mod support;
-use support::{models_dir, percentile_ms, worker_config};
+use support::{models_dir, percentile_ms, start_worker};
 
 const MODEL: &str = "all-minilm-l6-v2";
 
@@ -90,16 +89,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     tokio.block_on(async {
-        let shutdown = CancellationToken::new();
-        let worker = lmgrid_worker::Worker::start(worker_config(repo.path())).await?;
-        let addr = worker.grpc_addr();
-        let table = worker.models();
-        let task = tokio::spawn(worker.run(shutdown.clone()));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while table.resolve(MODEL, "").is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "{MODEL} did not load");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let worker = start_worker(repo.path(), &[MODEL], Duration::from_secs(60)).await?;
+        let addr = worker.addr;
         let channel = Channel::from_shared(format!("http://{addr}"))?
             .tcp_nodelay(true)
             .connect()
@@ -107,8 +98,7 @@ fn main() -> anyhow::Result<()> {
         for (concurrency, per_request) in [(1, 1), (32, 1), (1, 32)] {
             rows.push(worker_row(&channel, concurrency, per_request, measure).await?);
         }
-        shutdown.cancel();
-        task.await??;
+        worker.stop().await?;
         anyhow::Ok(())
     })?;
 

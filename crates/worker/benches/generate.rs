@@ -28,11 +28,10 @@ use lmgrid_worker::engine::{ProviderConfig, Runtime};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::value::{DynValue, Tensor};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 mod support;
-use support::{models_dir, percentile_ms, worker_config};
+use support::{models_dir, percentile_ms, start_worker};
 
 const QUESTION: &str = "Write a long story about a lighthouse keeper and a storm.";
 const WIDTHS: [usize; 4] = [1, 4, 8, 16];
@@ -161,20 +160,10 @@ fn main() -> anyhow::Result<()> {
             std::fs::write(dir.join("config.yaml"), config)?;
             let before = memory_mib().0;
             tokio.block_on(async {
-                let shutdown = CancellationToken::new();
-                let worker = lmgrid_worker::Worker::start(worker_config(repo.path())).await?;
-                let addr = worker.grpc_addr();
-                let table = worker.models();
-                let task = tokio::spawn(worker.run(shutdown.clone()));
-                let deadline = Instant::now() + Duration::from_secs(120);
-                while table.resolve(variant, "").is_err() {
-                    anyhow::ensure!(
-                        Instant::now() < deadline,
-                        "{variant} did not load: {:?}",
-                        table.statuses()
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                let worker =
+                    start_worker(repo.path(), &[variant.as_str()], Duration::from_secs(120))
+                        .await?;
+                let addr = worker.addr;
                 if cache == caches[0] {
                     memory.push((variant.clone(), memory_mib().0 - before));
                 }
@@ -192,8 +181,7 @@ fn main() -> anyhow::Result<()> {
                 if cache == caches[0] {
                     drifts.push((variant.clone(), drift(&channel, variant).await?));
                 }
-                shutdown.cancel();
-                task.await??;
+                worker.stop().await?;
                 anyhow::Ok(())
             })?;
         }
@@ -313,16 +301,21 @@ fn raw_row(
     })
 }
 
-/// Prefills a 40-token prompt (the length of a short templated chat; the ids
-/// themselves do not change the cost) for `width` rows, then decodes `steps`
-/// tokens greedily. Returns the time to the first token and the tokens made.
+/// The raw loop's prompt: 40 tokens (the length of a short templated chat;
+/// the ids themselves do not change the cost).
+fn raw_prompt() -> Vec<i64> {
+    (0..40).map(|i| 1000 + i).collect()
+}
+
+/// Prefills [`raw_prompt`] for `width` rows, then decodes `steps` tokens
+/// greedily. Returns the time to the first token and the tokens made.
 fn decode_cycle(
     session: &mut ort::session::Session,
     layers: usize,
     width: usize,
     steps: usize,
 ) -> anyhow::Result<(Duration, usize)> {
-    let prompt: Vec<i64> = (0..40).map(|i| 1000 + i).collect();
+    let prompt = raw_prompt();
     let t = Instant::now();
     let mut ttft = Duration::ZERO;
     let mut past: Vec<DynValue> = Vec::with_capacity(2 * layers);
@@ -421,7 +414,7 @@ fn decode_cycle_in_place(
     width: usize,
     steps: usize,
 ) -> anyhow::Result<(Duration, usize)> {
-    let prompt: Vec<i64> = (0..40).map(|i| 1000 + i).collect();
+    let prompt = raw_prompt();
     let t = Instant::now();
     let mut ttft = Duration::ZERO;
     let capacity = prompt.len() + steps;

@@ -19,11 +19,10 @@ use lmgrid_proto::inference::{ModelInferRequest, model_infer_request::InferInput
 use lmgrid_test_support::onnx;
 use lmgrid_worker::engine::{self, ProviderConfig, Runtime};
 use lmgrid_worker::tensor::{DataType, Tensor, TensorData};
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 mod support;
-use support::{percentile_ms, worker_config};
+use support::{percentile_ms, start_worker};
 
 const MAX_BATCH: usize = 64;
 
@@ -88,20 +87,9 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     tokio.block_on(async {
-        let shutdown = CancellationToken::new();
-        let worker = lmgrid_worker::Worker::start(worker_config(dir.path())).await?;
-        let addr = worker.grpc_addr();
-        let models = worker.models();
-        let task = tokio::spawn(worker.run(shutdown.clone()));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while models.resolve("mlp-dyn", "").is_err() || models.resolve("mlp-off", "").is_err() {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "models did not load: {:?}",
-                models.statuses()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let worker =
+            start_worker(dir.path(), &["mlp-dyn", "mlp-off"], Duration::from_secs(30)).await?;
+        let addr = worker.addr;
         let channels: Vec<Channel> = {
             let mut v = Vec::new();
             for _ in 0..8 {
@@ -123,8 +111,7 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        shutdown.cancel();
-        task.await??;
+        worker.stop().await?;
         anyhow::Ok(())
     })?;
 

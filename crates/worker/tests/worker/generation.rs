@@ -390,20 +390,8 @@ async fn a_long_prefill_does_not_stall_running_streams() -> anyhow::Result<()> {
     // there, before the rest of the prompt runs, and gives its reservation back.
     let before = metric("lmgrid_worker_generation_cancelled_total", "smollm-chunks");
     let prompted = metric("lmgrid_worker_prompt_tokens_total", "smollm-chunks");
-    let mut timed = tonic::Request::new(prompt("smollm-chunks", &long_text.repeat(2), 8));
-    timed.set_timeout(Duration::from_millis(300));
-    let status = client.generate(timed).await.unwrap_err();
-    assert!(
-        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{status:?}"
-    );
-    let answer = tokio::time::timeout(
-        PATIENCE,
-        generate(&mut client, prompt("smollm-chunks", "Hi!", 2)),
-    )
-    .await
-    .context("a request after the abandoned prefill never ran")??;
-    assert_eq!(only(&answer).token_ids.len(), 2);
+    let long_prompt = prompt("smollm-chunks", &long_text.repeat(2), 8);
+    a_deadline_frees_the_slot(&mut client, long_prompt, Duration::from_millis(300)).await?;
     assert!(metric("lmgrid_worker_generation_cancelled_total", "smollm-chunks") > before);
     let prefilled = metric("lmgrid_worker_prompt_tokens_total", "smollm-chunks") - prompted;
     assert!(
@@ -527,25 +515,32 @@ async fn a_cancelled_stream_frees_its_slot() -> anyhow::Result<()> {
     assert!(metric("lmgrid_worker_generation_cancelled_total", "smollm-cancel") >= 1.0);
 
     // A deadline that passes mid-generation ends it and frees the slot too.
-    let mut timed = tonic::Request::new(prompt(
-        "smollm-cancel",
-        "Count from one to one thousand:",
-        4000,
-    ));
-    timed.set_timeout(Duration::from_millis(500));
+    let counting = prompt("smollm-cancel", "Count from one to one thousand:", 4000);
+    a_deadline_frees_the_slot(&mut client, counting, Duration::from_millis(500)).await?;
+    worker.stop().await?;
+    Ok(())
+}
+
+/// Sends `request` with a deadline of `timeout`, which passes while it runs: the call ends
+/// in DEADLINE_EXCEEDED (or CANCELLED), and a short request to the same model gets the slot
+/// afterwards.
+async fn a_deadline_frees_the_slot(
+    client: &mut GenerationServiceClient<Channel>,
+    request: pb::GenerateRequest,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let model = request.model.clone().context("a model")?.name;
+    let mut timed = tonic::Request::new(request);
+    timed.set_timeout(timeout);
     let status = client.generate(timed).await.unwrap_err();
     assert!(
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{status:?}"
     );
-    let answer = tokio::time::timeout(
-        PATIENCE,
-        generate(&mut client, chat("smollm-cancel", "Hi!", 2)),
-    )
-    .await
-    .context("the slot stayed taken after the deadline")??;
+    let answer = tokio::time::timeout(PATIENCE, generate(client, chat(&model, "Hi!", 2)))
+        .await
+        .context("the slot stayed taken after the deadline")??;
     assert_eq!(only(&answer).token_ids.len(), 2);
-    worker.stop().await?;
     Ok(())
 }
 
