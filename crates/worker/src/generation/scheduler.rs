@@ -241,13 +241,15 @@ impl Scheduler {
 
     /// Prefills for this turn: first more of the prompt being prefilled, then
     /// waiting requests in arrival order while they fit, until the turn's
-    /// `prefill_chunk_tokens` are spent. A prompt the budget does not finish
+    /// `prefill_chunk_tokens` would be exceeded by the next chunk (a request
+    /// starts only if its first chunk fits). A prompt the budget does not finish
     /// stays [`Scheduler::prefilling`] and goes on next turn, after a decode
     /// step of the running sequences. Returns the requests whose prompt is
     /// done.
     fn admit(&mut self) -> Vec<Joiner> {
         let mut joiners = Vec::new();
-        let mut budget = self.config.prefill_chunk_tokens.max(1);
+        let chunk = self.config.prefill_chunk_tokens.max(1);
+        let mut budget = chunk;
         loop {
             let prefill = match self.prefilling.take() {
                 Some(prefill) => prefill,
@@ -255,7 +257,10 @@ impl Scheduler {
                     let Some(next) = self.waiting.front() else {
                         break;
                     };
-                    if budget == 0 || !self.fits(&joiners, next.request.n, reservation(next)) {
+                    let first_chunk = next.request.prompt.len().min(chunk);
+                    if first_chunk > budget
+                        || !self.fits(&joiners, next.request.n, reservation(next))
+                    {
                         break;
                     }
                     let Some(submission) = self.waiting.pop_front() else {
@@ -290,7 +295,7 @@ impl Scheduler {
         joiners
     }
 
-    /// Runs chunks of a prompt through the model while `budget` lasts, and
+    /// Runs chunks of a prompt through the model while `budget` covers them, and
     /// once the whole prompt is in, samples each of its completions' first
     /// token (`Done(None)` when every completion already ended).
     fn prefill(
@@ -300,11 +305,13 @@ impl Scheduler {
     ) -> Result<Progress, (UnboundedSender<Event>, crate::engine::EngineError)> {
         let prompt_len = prefill.submission.request.prompt.len();
         let chunk = self.config.prefill_chunk_tokens.max(1);
-        while prefill.done < prompt_len && *budget > 0 {
-            let (start, end) = (
-                prefill.done,
-                (prefill.done + chunk.min(*budget)).min(prompt_len),
-            );
+        // Chunks always start at multiples of `chunk`, however the turns fall,
+        // so a prompt's prefill computes the same whatever else is running.
+        while prefill.done < prompt_len {
+            let (start, end) = (prefill.done, (prefill.done + chunk).min(prompt_len));
+            if end - start > *budget {
+                break;
+            }
             let started = Instant::now();
             let input = StepInput {
                 ids: prefill.submission.request.prompt[start..end]
