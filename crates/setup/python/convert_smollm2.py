@@ -74,6 +74,14 @@ PADDING = {"q4": "right", "fp32": "left"}
 # GroupQueryAttention writes new keys and values in place when past and present share a buffer;
 # the plain attention of the reference concatenates them into a new present.
 KV_CACHE = {"q4": "shared", "fp32": "copy"}
+# The q4 variant's second graph: the same function with lmgrid's MatMulQ4 kernel (custom
+# operator domain ai.lmgrid) in place of MatMulNBits and its block-offset corrections. The
+# worker loads it on CPUs with AVX-512; model.onnx stays the graph for CUDA and other CPUs.
+CPU_GRAPH = "model.cpu.onnx"
+CPU_GRAPH_YAML = f"""# On CPUs with AVX-512 the worker loads {CPU_GRAPH}: lmgrid's own exact 4-bit kernel.
+cpu_graph: {CPU_GRAPH}
+"""
+LMGRID_DOMAIN = "ai.lmgrid"
 DESCRIPTIONS = {
     "q4": "4-bit MatMulNBits, exact Q4_1 mapping",
     "fp32": "fp32 reference, plain ONNX operators",
@@ -86,7 +94,7 @@ CONFIG_YAML = """\
 # key/values out. See docs/models.md.
 kind: generation
 intra_op_threads: 2
-generation:
+{cpu_graph}generation:
   padding: {padding}
   kv_cache: {kv_cache}
   context_length: {context_length}
@@ -413,14 +421,36 @@ def build_fp32(gguf):
     return finish(g, gguf, "fp32", [helper.make_opsetid("", OPSET)])
 
 
-def quantized_matmul(g, x, weights, name, block_sums):
+def quantized_matmul(g, x, weights, name, block_sums, cpu=False):
     """x [T, K] @ W^T for a Q4_1 matrix W [N, K], exactly: MatMulNBits over (q - 8) * scale
     (4 bits, blocks of 32, ONNX Runtime's default zero point 8, the fast path) plus each
-    block's (minimum + 8 * scale) times the block's sum of x, added by one small Gemm."""
+    block's (minimum + 8 * scale) times the block's sum of x, added by one small Gemm. With
+    `cpu`, one lmgrid MatMulQ4 over the same nibbles, scales and the minimums themselves: it
+    dequantizes each weight as scale * q + minimum (one rounding) and sums in fp32."""
     n, blocks, _ = weights.q.shape
     k = blocks * BLOCK
     packed = weights.q[:, :, 0::2] | (weights.q[:, :, 1::2] << 4)  # [N, K/32, 16]
     scale = weights.scale.astype(np.float32)
+    if cpu:
+        g.count += 1
+        out = f"matmul_q4_{g.count}"
+        g.nodes.append(
+            helper.make_node(
+                "MatMulQ4",
+                [
+                    x,
+                    g.const(name + ".q4", packed),
+                    g.const(name + ".scale", scale),  # [N, K/32]
+                    g.const(name + ".minimum", weights.minimum.astype(np.float32)),
+                ],
+                [out],
+                name=f"MatMulQ4_{g.count}",
+                domain=LMGRID_DOMAIN,
+                K=k,
+                N=n,
+            )
+        )
+        return out
     offset = weights.minimum.astype(np.float64) + 8.0 * weights.scale.astype(np.float64)
     y = g.ms(
         "MatMulNBits",
@@ -441,7 +471,7 @@ def quantized_matmul(g, x, weights, name, block_sums):
     return g.op("Gemm", [sums, offset, y], "mnb_exact")
 
 
-def build_q4(gguf):
+def build_q4(gguf, cpu=False):
     g = Graph()
     hidden, heads, kv, dim = gguf.hidden, gguf.heads, gguf.kv_heads, gguf.head_dim
     # The Q8_0 embedding as one fp32 table, shared by the lookup and the LM head of multi-row
@@ -484,7 +514,7 @@ def build_q4(gguf):
             residual = x
         else:
             h, residual = skip_norm(g, x, residual, norm, gguf.eps)
-        qkv = quantized_matmul(g, h, w["qkv"], p + "attn_qkv", block_sums)  # [T, 960]
+        qkv = quantized_matmul(g, h, w["qkv"], p + "attn_qkv", block_sums, cpu)  # [T, 960]
         qkv = g.op("Reshape", [qkv, qkv_shape], "qkv_bsh")  # [B, S, 960]
         g.count += 1
         context = f"context_{g.count}"
@@ -512,14 +542,14 @@ def build_q4(gguf):
             )
         )
         context = g.op("Reshape", [context, g.i64(-1, hidden)], "context_2d")  # [T, 576]
-        x = quantized_matmul(g, context, w["o"], p + "attn_output", block_sums)
+        x = quantized_matmul(g, context, w["o"], p + "attn_output", block_sums, cpu)
         norm = g.const(p + "ffn_norm.weight", w["ffn_norm"])
         h, residual = skip_norm(g, x, residual, norm, gguf.eps)
-        gate_up = quantized_matmul(g, h, w["gate_up"], p + "ffn_gate_up", block_sums)
+        gate_up = quantized_matmul(g, h, w["gate_up"], p + "ffn_gate_up", block_sums, cpu)
         gate, up = g.op("Split", [gate_up], "gate_up", outputs=2, axis=-1)
         silu = g.ms("QuickGelu", [gate], "silu", alpha=1.0)  # x * sigmoid(1.0 * x)
         act = g.op("Mul", [silu, up], "act")
-        x = quantized_matmul(g, act, w["down"], p + "ffn_down", block_sums)
+        x = quantized_matmul(g, act, w["down"], p + "ffn_down", block_sums, cpu)
 
     final_norm = g.const("output_norm.weight", gguf.f32("output_norm.weight"))
     h, _ = skip_norm(g, x, residual, final_norm, gguf.eps)
@@ -556,6 +586,8 @@ def build_q4(gguf):
     logits = g.op("If", [single], "logits_2d", then_branch=head_q4, else_branch=head_fp32)
     g.output("Unsqueeze", [logits, g.i64(1)], "logits")
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)]
+    if cpu:
+        opsets.append(helper.make_opsetid(LMGRID_DOMAIN, 1))
     return finish(g, gguf, "q4", opsets)
 
 
@@ -707,6 +739,7 @@ def config_yaml(gguf, variant):
         description=DESCRIPTIONS[variant],
         padding=PADDING[variant],
         kv_cache=KV_CACHE[variant],
+        cpu_graph=CPU_GRAPH_YAML if variant == "q4" else "",
         positions=", position_ids" if variant == "fp32" else "",
         layers=gguf.layers,
         context_length=gguf.context_length,
@@ -741,6 +774,10 @@ def main():
 
     (output / "1").mkdir(parents=True)
     onnx.save(model, str(output / "1" / "model.onnx"))
+    if variant == "q4":
+        cpu_model = build_q4(gguf, cpu=True)
+        onnx.save(cpu_model, str(output / "1" / CPU_GRAPH))
+        print(f"convert_smollm2: q4: {CPU_GRAPH}: {len(cpu_model.graph.node)} nodes")
     tokenizer.save(str(output / "tokenizer.json"))
     (output / "chat_template.jinja").write_text(template)
     (output / "config.yaml").write_text(config_yaml(gguf, variant))

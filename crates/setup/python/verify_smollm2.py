@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from gguf import GGUFReader, dequantize  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
@@ -309,7 +310,7 @@ def weight_bytes_per_token(path, layers, batch, tokenizer, side):
             (row_only if lookup else whole).add(tensor)
     total = 0.0
     for tensor in row_only | whole:
-        nbytes = onnx.numpy_helper.to_array(initializers[tensor]).nbytes
+        nbytes = numpy_helper.to_array(initializers[tensor]).nbytes
         total += nbytes / batch if tensor in whole else nbytes / initializers[tensor].dims[0]
     return total, len(ran)
 
@@ -322,6 +323,43 @@ def throughput(model, tokenizer, batch, side):
     for _ in range(BENCH_STEPS):
         logits, cache = model.run(*rows.step(logits[:, 0, :].argmax(axis=1)), cache)
     return batch * BENCH_STEPS / (time.perf_counter() - started)
+
+
+def check_cpu_graph(version_dir, layers, check):
+    """The CPU graph (lmgrid's MatMulQ4, which ONNX Runtime in Python cannot run) against
+    model.onnx, which the checks below hold to the float64 reference: one MatMulQ4 per
+    quantized matmul, over the very nibbles and scales MatMulNBits reads, with minimums that
+    are the ones its block offsets were made from (offset = minimum + 8 * scale), and every
+    other node the same. The Rust worker's tests run the graph itself against model.onnx."""
+    main_graph = onnx.load(str(version_dir / "model.onnx")).graph
+    cpu_graph = onnx.load(str(version_dir / "model.cpu.onnx")).graph
+    main_init = {t.name: t for t in main_graph.initializer}
+    cpu_init = {t.name: t for t in cpu_graph.initializer}
+    matmuls = [n for n in cpu_graph.node if n.op_type == "MatMulQ4"]
+    check(
+        len(matmuls) == 4 * layers and all(n.domain == "ai.lmgrid" for n in matmuls),
+        f"model.cpu.onnx: {len(matmuls)} ai.lmgrid MatMulQ4 nodes (expected {4 * layers})",
+    )
+    worst = 0.0
+    same = True
+    for node in matmuls:
+        q_name, scale_name, minimum_name = node.input[1:4]
+        base = q_name[: -len(".q4")]
+        same &= numpy_helper.to_array(cpu_init[q_name]).tobytes() == (
+            numpy_helper.to_array(main_init[q_name]).tobytes()
+        )
+        scale = numpy_helper.to_array(cpu_init[scale_name]).astype(np.float64)
+        same &= np.array_equal(
+            scale.reshape(-1), numpy_helper.to_array(main_init[base + ".scale"])
+        )
+        minimum = numpy_helper.to_array(cpu_init[minimum_name]).astype(np.float64)
+        offset = numpy_helper.to_array(main_init[base + ".block_offset"]).T
+        worst = max(worst, float(np.abs(minimum + 8.0 * scale - offset).max()))
+    check(same, "model.cpu.onnx: MatMulQ4 nibbles and scales are model.onnx's MatMulNBits ones")
+    check(worst <= 1e-6, f"model.cpu.onnx: minimum + 8 * scale = block offset (max abs {worst:.1e})")
+    ignored = {"MatMulQ4", "MatMulNBits", "Gemm", "MatMul"}
+    kinds = lambda graph: sorted(n.op_type for n in graph.node if n.op_type not in ignored)
+    check(kinds(cpu_graph) == kinds(main_graph), "model.cpu.onnx: every other node as in model.onnx")
 
 
 def main():
@@ -355,6 +393,9 @@ def main():
         f"padding: {side}",
     ):
         check(line in config, f"config.yaml has `{line}`")
+    if variant == "q4":
+        check("cpu_graph: model.cpu.onnx" in config, "config.yaml has `cpu_graph: model.cpu.onnx`")
+        check_cpu_graph(model_dir / "1", ref.layers, check)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     for text in ("What is the capital of France?", FRANCE, BATCH_PROMPTS[2]):
         ids = tokenizer.encode(text).ids

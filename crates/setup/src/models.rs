@@ -75,6 +75,15 @@ const SMOLLM2_OUTPUTS: &[&str] = &[
     "1/model.onnx",
 ];
 
+/// The 4-bit variant also has its graph for lmgrid's CPU kernels (docs/models.md).
+const SMOLLM2_Q4_OUTPUTS: &[&str] = &[
+    "config.yaml",
+    "tokenizer.json",
+    "chat_template.jinja",
+    "1/model.onnx",
+    "1/model.cpu.onnx",
+];
+
 const MODELS: [Model; 3] = [
     Model {
         name: "all-minilm-l6-v2",
@@ -99,7 +108,7 @@ const MODELS: [Model; 3] = [
         converter: scripts::CONVERT_SMOLLM2,
         verifier: scripts::VERIFY_SMOLLM2,
         args: &["q4"],
-        outputs: SMOLLM2_OUTPUTS,
+        outputs: SMOLLM2_Q4_OUTPUTS,
     },
 ];
 

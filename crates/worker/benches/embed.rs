@@ -73,8 +73,9 @@ fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("load tokenizer: {e}"))?;
     let runtime = Runtime::get(&Default::default())?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (mut session, _) = runtime.session(
+    let (mut session, _, _) = runtime.session(
         &dir.join("1/model.onnx"),
+        None,
         &ProviderConfig::default(),
         threads,
     )?;

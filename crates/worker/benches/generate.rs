@@ -45,6 +45,8 @@ enum Cache {
 
 struct Row {
     variant: String,
+    /// The graph file that ran (`model.onnx`, or the model's `cpu_graph`).
+    graph: String,
     /// The raw decode loop, else the worker.
     raw: bool,
     cache: Cache,
@@ -109,24 +111,36 @@ fn main() -> anyhow::Result<()> {
         std::fs::read_to_string(models.join(variant).join("config.yaml"))
             .is_ok_and(|config| config.lines().any(|l| l.trim() == "kv_cache: shared"))
     };
+    // The graphs a variant has: its `cpu_graph` (what the worker loads on this CPU) first
+    // when it names one and this CPU runs lmgrid's kernels, then model.onnx.
+    let graphs = |variant: &str| {
+        let config =
+            std::fs::read_to_string(models.join(variant).join("config.yaml")).unwrap_or_default();
+        let cpu = config
+            .lines()
+            .find_map(|l| l.strip_prefix("cpu_graph:"))
+            .map(|f| f.trim().to_string())
+            .filter(|_| lmgrid_kernels::q4::accelerated());
+        cpu.into_iter()
+            .chain(["model.onnx".to_string()])
+            .collect::<Vec<_>>()
+    };
     for variant in &variants {
-        let path = models.join(variant).join("1/model.onnx");
-        let (mut session, _) = runtime.session(&path, &ProviderConfig::default(), 2)?;
         let caches: &[Cache] = if shared(variant) {
             &[Cache::Copied, Cache::InPlace]
         } else {
             &[Cache::Copied]
         };
-        for width in WIDTHS {
-            for &cache in caches {
-                rows.push(raw_row(
-                    &mut session,
-                    variant,
-                    cache,
-                    width,
-                    tokens,
-                    measure,
-                )?);
+        for graph in graphs(variant) {
+            let path = models.join(variant).join("1").join(&graph);
+            let (mut session, _, _) =
+                runtime.session(&path, None, &ProviderConfig::default(), 2)?;
+            for width in WIDTHS {
+                for &cache in caches {
+                    let mut row = raw_row(&mut session, variant, cache, width, tokens, measure)?;
+                    row.graph = graph.clone();
+                    rows.push(row);
+                }
             }
         }
     }
@@ -135,12 +149,18 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     for variant in &variants {
-        let caches: &[Cache] = if shared(variant) {
-            &[Cache::InPlace, Cache::Copied]
-        } else {
-            &[Cache::Copied]
-        };
-        for &cache in caches {
+        let graphs = graphs(variant);
+        // As converted first (its memory and drift are reported), then the copied cache,
+        // then model.onnx where the converter wrote a CPU graph too.
+        let mut served: Vec<(String, Cache)> = Vec::new();
+        if shared(variant) {
+            served.push((graphs[0].clone(), Cache::InPlace));
+        }
+        served.push((graphs[0].clone(), Cache::Copied));
+        if graphs.len() > 1 {
+            served.push(("model.onnx".to_string(), served[0].1));
+        }
+        for (index, (graph, cache)) in served.iter().cloned().enumerate() {
             // A repository holding just this variant, so memory is its own; the copied
             // cache of a shared model through its config.
             let repo = tempfile::tempdir()?;
@@ -157,6 +177,15 @@ fn main() -> anyhow::Result<()> {
                 Cache::InPlace => config,
                 Cache::Copied => config.replace("kv_cache: shared", "kv_cache: copy"),
             };
+            let config = if graph == "model.onnx" {
+                config
+                    .lines()
+                    .filter(|l| !l.starts_with("cpu_graph:"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            } else {
+                config
+            };
             std::fs::write(dir.join("config.yaml"), config)?;
             let before = memory_mib().0;
             tokio.block_on(async {
@@ -164,7 +193,7 @@ fn main() -> anyhow::Result<()> {
                     start_worker(repo.path(), &[variant.as_str()], Duration::from_secs(120))
                         .await?;
                 let addr = worker.addr;
-                if cache == caches[0] {
+                if index == 0 {
                     memory.push((variant.clone(), memory_mib().0 - before));
                 }
                 let channel = Channel::from_shared(format!("http://{addr}"))?
@@ -174,11 +203,12 @@ fn main() -> anyhow::Result<()> {
                 // Warm up, as the raw loop does.
                 worker_row(&channel, variant, cache, 1, 4, Duration::from_millis(1)).await?;
                 for streams in WIDTHS {
-                    rows.push(
-                        worker_row(&channel, variant, cache, streams, tokens, measure).await?,
-                    );
+                    let mut row =
+                        worker_row(&channel, variant, cache, streams, tokens, measure).await?;
+                    row.graph = graph.clone();
+                    rows.push(row);
                 }
-                if cache == caches[0] {
+                if index == 0 {
                     drifts.push((variant.clone(), drift(&channel, variant).await?));
                 }
                 worker.stop().await?;
@@ -189,14 +219,15 @@ fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "| variant | case | streams | tokens/s | × 1 stream | TTFT p50 ms | TTFT p99 ms | worker / raw | step ms | regather ms / step |"
+        "| variant | graph | case | streams | tokens/s | × 1 stream | TTFT p50 ms | TTFT p99 ms | worker / raw | step ms | regather ms / step |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in &rows {
         let single = rows
             .iter()
             .find(|r| {
                 r.variant == row.variant
+                    && r.graph == row.graph
                     && r.raw == row.raw
                     && r.cache == row.cache
                     && r.streams == 1
@@ -206,6 +237,7 @@ fn main() -> anyhow::Result<()> {
             .iter()
             .find(|r| {
                 r.variant == row.variant
+                    && r.graph == row.graph
                     && r.raw
                     && r.cache == row.cache
                     && r.streams == row.streams
@@ -218,8 +250,9 @@ fn main() -> anyhow::Result<()> {
             (false, Cache::InPlace) => "worker (GenerateStream), cache in place",
         };
         println!(
-            "| {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {} | {} | {} |",
             row.variant,
+            row.graph,
             case,
             row.streams,
             row.tokens_per_s,
@@ -290,6 +323,7 @@ fn raw_row(
     ttfts.sort();
     Ok(Row {
         variant: variant.to_string(),
+        graph: String::new(),
         raw: true,
         cache,
         streams: width,
@@ -638,6 +672,7 @@ async fn worker_row(
     let steps = (steps - steps_before.0).max(1.0);
     Ok(Row {
         variant: variant.to_string(),
+        graph: String::new(),
         raw: false,
         cache,
         streams,

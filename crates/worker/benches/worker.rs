@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<()> {
 
     // The limit: raw ONNX Runtime in this process, no gRPC, no queue.
     let runtime = Runtime::get(&Default::default())?;
-    let (mut session, _) = runtime.session(&model_path, &ProviderConfig::default(), 1)?;
+    let (mut session, _, _) = runtime.session(&model_path, None, &ProviderConfig::default(), 1)?;
     for batch in [1, MAX_BATCH] {
         rows.push(raw_row(&mut session, batch, input, measure)?);
     }
@@ -122,7 +122,8 @@ fn main() -> anyhow::Result<()> {
         .find(|r| r.case == DYNAMIC && r.concurrency == 64)
         .map(|r| r.mean_batch.round().clamp(1.0, MAX_BATCH as f64) as usize)
     {
-        let (mut session, _) = runtime.session(&model_path, &ProviderConfig::default(), 1)?;
+        let (mut session, _, _) =
+            runtime.session(&model_path, None, &ProviderConfig::default(), 1)?;
         let mut row = raw_row(&mut session, achieved, input, measure)?;
         row.case = "raw ONNX Runtime (batch the batcher formed at 64)".into();
         rows.push(row);

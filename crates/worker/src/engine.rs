@@ -127,19 +127,27 @@ impl Runtime {
     }
 
     /// Creates a session for `model` on `provider` with `threads` intra-op
-    /// threads. Returns the session and the provider actually used.
+    /// threads, with lmgrid's custom operators registered. When the session
+    /// runs on the CPU and `cpu_model` is given, that graph is loaded
+    /// instead if this CPU has the kernels' vector path
+    /// ([`lmgrid_kernels::q4::accelerated`]). Returns the session, the
+    /// provider actually used and the graph file loaded.
     pub fn session(
         &self,
         model: &Path,
+        cpu_model: Option<&Path>,
         provider: &ProviderConfig,
         threads: usize,
-    ) -> Result<(Session, String), EngineError> {
+    ) -> Result<(Session, String, PathBuf), EngineError> {
         let err = |e: ort::Error| EngineError::Model(format!("{}: {e}", model.display()));
+        let domain = lmgrid_kernels::domain().map_err(err)?;
         let mut builder = Session::builder(&self.env)
             .map_err(err)?
             .with_intra_threads(threads.max(1))
             .map_err(|e| err(e.into()))?
             .with_inter_threads(1)
+            .map_err(|e| err(e.into()))?
+            .with_operators(domain)
             .map_err(|e| err(e.into()))?;
         let used = match provider.kind {
             ProviderKind::Cpu => "cpu".to_string(),
@@ -169,8 +177,14 @@ impl Runtime {
                 }
             }
         };
-        let session = builder.commit_from_file(model).map_err(err)?;
-        Ok((session, used))
+        let file = match cpu_model {
+            Some(cpu) if used.starts_with("cpu") && lmgrid_kernels::q4::accelerated() => cpu,
+            _ => model,
+        };
+        let session = builder
+            .commit_from_file(file)
+            .map_err(|e| EngineError::Model(format!("{}: {e}", file.display())))?;
+        Ok((session, used, file.to_path_buf()))
     }
 }
 

@@ -501,12 +501,33 @@ fn load_version(
     config: ModelConfig,
 ) -> Result<LoadedVersion, String> {
     let runtime = Runtime::get(runtime).map_err(|e| e.to_string())?;
+    let cpu_model = match &config.cpu_graph {
+        Some(file) => {
+            let cpu = path.with_file_name(file);
+            if !cpu.is_file() {
+                return Err(format!(
+                    "cpu_graph: '{file}' is not a file next to {}",
+                    path.display()
+                ));
+            }
+            Some(cpu)
+        }
+        None => None,
+    };
     let mut sessions = Vec::with_capacity(config.instance_count);
     let mut provider = String::new();
     for _ in 0..config.instance_count {
-        let (session, used) = runtime
-            .session(path, &config.execution_provider, config.intra_op_threads)
+        let (session, used, graph) = runtime
+            .session(
+                path,
+                cpu_model.as_deref(),
+                &config.execution_provider,
+                config.intra_op_threads,
+            )
             .map_err(|e| e.to_string())?;
+        if cpu_model.is_some() {
+            tracing::info!(model = name, version, graph = %graph.display(), provider = %used, "graph chosen for the provider");
+        }
         provider = used;
         sessions.push(session);
     }

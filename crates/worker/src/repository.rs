@@ -41,6 +41,12 @@ pub struct ModelConfig {
     pub max_input_elements: usize,
     /// Settings of a `generation` model.
     pub generation: Option<GenerationConfig>,
+    /// Another graph file in the version directory that computes the same
+    /// function with lmgrid's CPU kernels (operator domain `ai.lmgrid`),
+    /// loaded instead of `model.onnx` when the session runs on the CPU and
+    /// this CPU has the kernels' vector path (AVX-512F). `model.onnx` stays
+    /// the graph for CUDA and for CPUs without it.
+    pub cpu_graph: Option<String>,
 }
 
 impl Default for ModelConfig {
@@ -55,6 +61,7 @@ impl Default for ModelConfig {
             version_policy: VersionPolicy::default(),
             max_input_elements: 64 * 1024 * 1024,
             generation: None,
+            cpu_graph: None,
         }
     }
 }
@@ -240,6 +247,16 @@ impl ModelConfig {
         }
         if self.max_input_elements == 0 {
             return Err("max_input_elements: must be at least 1".into());
+        }
+        if let Some(file) = &self.cpu_graph {
+            let simple = std::path::Path::new(file)
+                .file_name()
+                .is_some_and(|name| name == file.as_str());
+            if !simple || !file.ends_with(".onnx") {
+                return Err(format!(
+                    "cpu_graph: '{file}' must be the name of an .onnx file in the version directory"
+                ));
+            }
         }
         if self.kind == ModelKind::Embedding && self.max_batch_size == 0 {
             return Err("kind: an embedding model needs max_batch_size > 0".into());

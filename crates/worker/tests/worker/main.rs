@@ -5,6 +5,8 @@
 //!   across requests of different lengths, equal to each text alone.
 //! - `generation`: `Generate`/`GenerateStream` over the real SmolLM2-135M-Instruct: Paris,
 //!   continuous batching equal to decoding alone, stops, seeds, cancellation, bad requests.
+//! - `cpu_graph`: the 4-bit SmolLM2's graph for lmgrid's CPU kernels computes what its
+//!   portable `model.onnx` computes, and the worker loads it on the CPU.
 //! - `datatypes`: every datatype round-trips exactly; outputs come back as named.
 //! - `batching`: batched equals unbatched; shapes never mix; full queues and deadlines.
 //! - `errors`: bad requests get the right code and a message naming what is wrong.
@@ -12,6 +14,7 @@
 //! - `models`: version policies, metadata, execution providers, the record in discovery.
 
 mod batching;
+mod cpu_graph;
 mod datatypes;
 mod embeddings;
 mod errors;

@@ -459,8 +459,12 @@ impl Repo {
                     .with_context(|| format!("link {}", file.to_string_lossy()))?;
             }
         }
-        std::os::unix::fs::symlink(source.join("1/model.onnx"), dir.join("1/model.onnx"))
-            .context("link model.onnx")?;
+        // Every graph of version 1: model.onnx and, for the 4-bit model, model.cpu.onnx.
+        for entry in std::fs::read_dir(source.join("1"))? {
+            let entry = entry?;
+            std::os::unix::fs::symlink(entry.path(), dir.join("1").join(entry.file_name()))
+                .with_context(|| format!("link 1/{}", entry.file_name().to_string_lossy()))?;
+        }
         Ok(self)
     }
 }

@@ -1,0 +1,409 @@
+//! `y = x · Wᵀ` for a matrix `W [N, K]` stored as 4-bit blocks (GGUF's Q4_1
+//! arithmetic): each block of 32 weights along K has a scale `d` and a
+//! minimum `m`, and weight `i` of the block is `d · qᵢ + m` for a nibble
+//! `qᵢ` in 0..15.
+//!
+//! Each weight is dequantized as `fl(d · q + m)`, one rounding (a fused
+//! multiply-add), which is exactly the fp32 value a converter that
+//! dequantizes the same blocks ahead of time stores; the products are
+//! summed in f32. So the result is an fp32 matrix product of the
+//! dequantized weights, differing from one only in summation order, with no
+//! rounding of the activations (unlike int8 kernels).
+//!
+//! Nibbles are packed two per byte in the order ONNX Runtime's
+//! `MatMulNBits` uses: byte `j` of a block holds element `2j` in its low
+//! nibble and `2j + 1` in its high nibble. The vector kernel unpacks a
+//! block's 16 low nibbles and 16 high nibbles as two vectors, so the
+//! activations are first reordered per block into evens then odds
+//! ([`split_blocks`]).
+
+/// Weights per block.
+pub const BLOCK: usize = 32;
+
+/// A 4-bit matrix `[N, K]`, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct Q4Matrix<'a> {
+    /// Columns of `x` (the reduction length), a multiple of [`BLOCK`].
+    pub k: usize,
+    /// Rows of the matrix (outputs).
+    pub n: usize,
+    /// `[N, K/32, 16]` packed nibbles.
+    pub q: &'a [u8],
+    /// `[N, K/32]` block scales.
+    pub scale: &'a [f32],
+    /// `[N, K/32]` block minimums.
+    pub minimum: &'a [f32],
+}
+
+impl<'a> Q4Matrix<'a> {
+    /// Checks the sizes; errors say which part is wrong.
+    pub fn new(
+        k: usize,
+        n: usize,
+        q: &'a [u8],
+        scale: &'a [f32],
+        minimum: &'a [f32],
+    ) -> Result<Self, String> {
+        if k == 0 || !k.is_multiple_of(BLOCK) {
+            return Err(format!(
+                "K is {k}; it must be a positive multiple of {BLOCK}"
+            ));
+        }
+        if n == 0 {
+            return Err("N must be positive".into());
+        }
+        let blocks = n * (k / BLOCK);
+        if q.len() != blocks * BLOCK / 2 {
+            return Err(format!(
+                "the packed weights hold {} bytes; [N={n}, K/32={}, 16] needs {}",
+                q.len(),
+                k / BLOCK,
+                blocks * BLOCK / 2
+            ));
+        }
+        for (name, values) in [("scale", scale), ("minimum", minimum)] {
+            if values.len() != blocks {
+                return Err(format!(
+                    "{name} holds {} values; [N={n}, K/32={}] needs {blocks}",
+                    values.len(),
+                    k / BLOCK
+                ));
+            }
+        }
+        Ok(Q4Matrix {
+            k,
+            n,
+            q,
+            scale,
+            minimum,
+        })
+    }
+
+    /// Weight `[row, column]` as the kernels compute it: `fl(d · q + m)`.
+    pub fn weight(&self, row: usize, column: usize) -> f32 {
+        let block = row * (self.k / BLOCK) + column / BLOCK;
+        let j = column % BLOCK;
+        let byte = self.q[block * (BLOCK / 2) + j / 2];
+        let nibble = if j.is_multiple_of(2) {
+            byte & 0x0F
+        } else {
+            byte >> 4
+        };
+        f32::from(nibble).mul_add(self.scale[block], self.minimum[block])
+    }
+}
+
+/// Copies `x` (rows of `k` values) into `out` with each block of 32 reordered
+/// as its 16 even-indexed values followed by its 16 odd ones.
+pub fn split_blocks(x: &[f32], k: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.reserve(x.len());
+    for block in x.chunks_exact(BLOCK) {
+        out.extend(block.iter().step_by(2));
+        out.extend(block.iter().skip(1).step_by(2));
+    }
+    debug_assert_eq!(out.len() % k, 0);
+}
+
+/// Whether this CPU runs the vector kernel (AVX-512F); otherwise the
+/// portable one runs, which is exact too but several times slower than
+/// ONNX Runtime's own 4-bit kernels.
+pub fn accelerated() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Output rows a kernel call covers at most: the weights a call unpacks are
+/// reused for this many rows of `x`, whose blocks stay in L1 (4 rows of
+/// K = 1536 take 24 KiB).
+pub const ROWS: usize = 4;
+
+/// Computes `out[r · stride + c] = Σ_k xs[r · K + k] · W[c, k]` for the
+/// `rows` (≤ [`ROWS`]) rows of `xs` (already [`split_blocks`]) and the
+/// matrix rows `columns`, with the vector kernel when `vector` and the CPU
+/// has it.
+///
+/// # Safety
+/// `out` must be valid for writes at `r · stride + c` for every `r <
+/// rows` and `c` in `columns`, and nothing else may access those elements
+/// during the call; `xs` must hold `rows · K` values; `columns` must lie
+/// within `0..N`.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn tile(
+    w: &Q4Matrix<'_>,
+    xs: &[f32],
+    rows: usize,
+    out: *mut f32,
+    stride: usize,
+    columns: std::ops::Range<usize>,
+    vector: bool,
+) {
+    debug_assert!(rows <= ROWS && xs.len() >= rows * w.k && columns.end <= w.n);
+    #[cfg(target_arch = "x86_64")]
+    if vector && accelerated() {
+        // SAFETY: the CPU has AVX-512F (checked above); the caller
+        // guarantees the memory conditions the kernel relies on.
+        unsafe {
+            match rows {
+                1 => avx512::tile::<4, 1>(w, xs, out, stride, columns),
+                2 => avx512::tile::<4, 2>(w, xs, out, stride, columns),
+                3 => avx512::tile::<2, 3>(w, xs, out, stride, columns),
+                _ => avx512::tile::<2, 4>(w, xs, out, stride, columns),
+            }
+        }
+        return;
+    }
+    for r in 0..rows {
+        let x = &xs[r * w.k..(r + 1) * w.k];
+        for c in columns.clone() {
+            let value = portable_dot(w, x, c);
+            // SAFETY: in bounds and unaliased, as the caller guarantees.
+            unsafe { *out.add(r * stride + c) = value };
+        }
+    }
+}
+
+/// `x [T, K] · Wᵀ` on the calling thread: the operator's arithmetic without
+/// ONNX Runtime (tests and benchmarks compare against it).
+pub fn matmul(w: &Q4Matrix<'_>, x: &[f32]) -> Vec<f32> {
+    matmul_with(w, x, true)
+}
+
+fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
+    let tokens = x.len() / w.k;
+    let mut xs = Vec::new();
+    split_blocks(&x[..tokens * w.k], w.k, &mut xs);
+    let mut y = vec![0f32; tokens * w.n];
+    for first in (0..tokens).step_by(ROWS) {
+        let rows = (tokens - first).min(ROWS);
+        // SAFETY: `y` is `[tokens, N]`, owned here; rows `first..first +
+        // rows` and columns `0..N` are in bounds.
+        #[allow(unsafe_code)]
+        unsafe {
+            tile(
+                w,
+                &xs[first * w.k..],
+                rows,
+                y.as_mut_ptr().add(first * w.n),
+                w.n,
+                0..w.n,
+                vector,
+            );
+        }
+    }
+    y
+}
+
+/// One output of the portable kernel: row `c` of `W` against one split row.
+fn portable_dot(w: &Q4Matrix<'_>, x: &[f32], c: usize) -> f32 {
+    let blocks = w.k / BLOCK;
+    let mut lanes = [0f32; BLOCK];
+    for b in 0..blocks {
+        let i = c * blocks + b;
+        let (d, m) = (w.scale[i], w.minimum[i]);
+        let q = &w.q[i * (BLOCK / 2)..(i + 1) * (BLOCK / 2)];
+        let x = &x[b * BLOCK..(b + 1) * BLOCK];
+        for j in 0..BLOCK / 2 {
+            let low = f32::from(q[j] & 0x0F).mul_add(d, m);
+            let high = f32::from(q[j] >> 4).mul_add(d, m);
+            lanes[j] = low.mul_add(x[j], lanes[j]);
+            lanes[BLOCK / 2 + j] = high.mul_add(x[BLOCK / 2 + j], lanes[BLOCK / 2 + j]);
+        }
+    }
+    lanes.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, Q4Matrix};
+
+    /// `C` matrix rows at a time against `R` rows of `x`. Per block and
+    /// matrix row: the 16 bytes widen to 16 lanes, the low and high nibbles
+    /// index a 16-entry table `d · i + m` (`vpermps`), and each half
+    /// multiplies-adds into its own accumulator; the halves are summed at
+    /// the end.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; the conditions of [`super::tile`] hold.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile<const C: usize, const R: usize>(
+        w: &Q4Matrix<'_>,
+        xs: &[f32],
+        out: *mut f32,
+        stride: usize,
+        columns: std::ops::Range<usize>,
+    ) {
+        let blocks = w.k / BLOCK;
+        let iota = _mm512_setr_ps(
+            0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+        );
+        let nibble = _mm512_set1_epi32(0x0F);
+        let mut c0 = columns.start;
+        while c0 < columns.end {
+            // The last columns one at a time when fewer than C are left.
+            let width = if c0 + C <= columns.end { C } else { 1 };
+            let mut low = [[_mm512_setzero_ps(); R]; C];
+            let mut high = [[_mm512_setzero_ps(); R]; C];
+            for b in 0..blocks {
+                let mut x = [[_mm512_setzero_ps(); 2]; R];
+                for (r, x) in x.iter_mut().enumerate() {
+                    let at = &xs[r * w.k + b * BLOCK..r * w.k + (b + 1) * BLOCK];
+                    // SAFETY: `at` holds 32 f32s; unaligned loads.
+                    *x = unsafe {
+                        [
+                            _mm512_loadu_ps(at.as_ptr()),
+                            _mm512_loadu_ps(at.as_ptr().add(16)),
+                        ]
+                    };
+                }
+                for c in 0..width {
+                    let i = (c0 + c) * blocks + b;
+                    let bytes = &w.q[i * (BLOCK / 2)..(i + 1) * (BLOCK / 2)];
+                    // SAFETY: `bytes` holds 16 bytes; unaligned load.
+                    let packed = unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) };
+                    let wide = _mm512_cvtepu8_epi32(packed);
+                    let lo = _mm512_and_si512(wide, nibble);
+                    let hi = _mm512_srli_epi32::<4>(wide);
+                    let table = _mm512_fmadd_ps(
+                        iota,
+                        _mm512_set1_ps(w.scale[i]),
+                        _mm512_set1_ps(w.minimum[i]),
+                    );
+                    let w_lo = _mm512_permutexvar_ps(lo, table);
+                    let w_hi = _mm512_permutexvar_ps(hi, table);
+                    for r in 0..R {
+                        low[c][r] = _mm512_fmadd_ps(w_lo, x[r][0], low[c][r]);
+                        high[c][r] = _mm512_fmadd_ps(w_hi, x[r][1], high[c][r]);
+                    }
+                }
+            }
+            for c in 0..width {
+                for r in 0..R {
+                    let sum = _mm512_reduce_add_ps(_mm512_add_ps(low[c][r], high[c][r]));
+                    // SAFETY: in bounds and unaliased, as the caller guarantees.
+                    unsafe { *out.add(r * stride + c0 + c) = sum };
+                }
+            }
+            c0 += width;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A matrix of pseudo-random nibbles, scales and minimums like a
+    /// model's (scales ~1e-2, minimums negative).
+    fn matrix(k: usize, n: usize, seed: u64) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+        let mut s = seed;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let blocks = n * k / BLOCK;
+        let q = (0..blocks * 16).map(|_| next() as u8).collect();
+        let scale = (0..blocks).map(|_| (next() % 1000) as f32 * 2e-5).collect();
+        let minimum = (0..blocks)
+            .map(|_| -((next() % 1000) as f32) * 1.6e-4)
+            .collect();
+        (q, scale, minimum)
+    }
+
+    fn activations(tokens: usize, k: usize) -> Vec<f32> {
+        (0..tokens * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03)
+            .collect()
+    }
+
+    /// The same product in f64 over the weights as [`Q4Matrix::weight`]
+    /// gives them, each written out element by element.
+    fn reference(w: &Q4Matrix<'_>, x: &[f32]) -> Vec<f64> {
+        let tokens = x.len() / w.k;
+        let mut y = vec![0f64; tokens * w.n];
+        for t in 0..tokens {
+            for c in 0..w.n {
+                y[t * w.n + c] = (0..w.k)
+                    .map(|j| f64::from(w.weight(c, j)) * f64::from(x[t * w.k + j]))
+                    .sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn weights_unpack_in_matmul_nbits_order() {
+        // Block 0 of row 0: byte 0 = 0x21 holds element 0 (1) and element 1 (2).
+        let mut q = vec![0u8; 16];
+        q[0] = 0x21;
+        q[15] = 0xF0;
+        let w = Q4Matrix::new(32, 1, &q, &[0.5], &[-1.0]).unwrap();
+        assert_eq!(w.weight(0, 0), -0.5);
+        assert_eq!(w.weight(0, 1), 0.0);
+        assert_eq!(w.weight(0, 30), -1.0);
+        assert_eq!(w.weight(0, 31), 6.5);
+        let mut x = vec![0f32; 32];
+        x[1] = 1.0;
+        x[31] = 2.0;
+        assert_eq!(matmul(&w, &x), vec![13.0]);
+        assert_eq!(matmul_with(&w, &x, false), vec![13.0]);
+    }
+
+    #[test]
+    fn both_kernels_match_an_f64_product_for_every_row_count_and_ragged_columns() {
+        // N = 67: column tiles of 4 and 2 leave a ragged end; K = 1536 like ffn_down.
+        for (k, n) in [(64, 67), (1536, 9)] {
+            let (q, scale, minimum) = matrix(k, n, 7 + k as u64);
+            let w = Q4Matrix::new(k, n, &q, &scale, &minimum).unwrap();
+            for tokens in [1, 2, 3, 4, 5, 9] {
+                let x = activations(tokens, k);
+                let want = reference(&w, &x);
+                for vector in [true, false] {
+                    let got = matmul_with(&w, &x, vector);
+                    for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                        let err = (f64::from(*g) - r).abs();
+                        assert!(
+                            err <= 1e-5 * (1.0 + r.abs()),
+                            "k {k} n {n} tokens {tokens} vector {vector} output {i}: {g} vs {r}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_or_in_a_batch() {
+        let (k, n) = (576, 40);
+        let (q, scale, minimum) = matrix(k, n, 3);
+        let w = Q4Matrix::new(k, n, &q, &scale, &minimum).unwrap();
+        let x = activations(7, k);
+        let batch = matmul(&w, &x);
+        for t in 0..7 {
+            let alone = matmul(&w, &x[t * k..(t + 1) * k]);
+            assert_eq!(alone[..], batch[t * n..(t + 1) * n], "row {t}");
+        }
+    }
+
+    #[test]
+    fn wrong_sizes_are_named() {
+        let q = vec![0u8; 16];
+        let err = Q4Matrix::new(48, 1, &q, &[1.0], &[0.0]).unwrap_err();
+        assert!(err.contains("multiple of 32"), "{err}");
+        let err = Q4Matrix::new(32, 2, &q, &[1.0, 1.0], &[0.0, 0.0]).unwrap_err();
+        assert!(err.contains("packed weights hold 16 bytes"), "{err}");
+        let err = Q4Matrix::new(32, 1, &q, &[1.0, 2.0], &[0.0]).unwrap_err();
+        assert!(err.contains("scale holds 2 values"), "{err}");
+    }
+}
