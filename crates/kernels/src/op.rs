@@ -1,5 +1,6 @@
-//! The ONNX Runtime side: `ai.lmgrid.MatMulQ4` as a custom operator whose
-//! kernel spreads its work over the session's intra-op thread pool.
+//! The ONNX Runtime side: `ai.lmgrid.MatMulQ4` and `MatMulQ8` as custom
+//! operators whose kernels spread their work over the session's intra-op
+//! thread pool.
 
 use ort::operator::{
     ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput,
@@ -7,6 +8,7 @@ use ort::operator::{
 use ort::value::TensorElementType;
 
 use crate::q4::{self, Q4Matrix};
+use crate::q8::{self, Q8Matrix};
 
 /// Matrix columns one task of the thread pool computes.
 const COLUMNS_PER_TASK: usize = 64;
@@ -86,63 +88,215 @@ unsafe impl Sync for Output {}
 
 impl Kernel for MatMulQ4Kernel {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        let input = |i: usize| {
-            ctx.input(i)?
-                .ok_or_else(|| ort::Error::new(format!("MatMulQ4: input {i} is missing")))
-        };
-        let (x_value, q_value, scale_value, minimum_value) =
-            (input(0)?, input(1)?, input(2)?, input(3)?);
-        let (shape, x) = x_value.try_extract_tensor::<f32>()?;
         let (k, n) = (self.k, self.n);
-        let tokens = match **shape {
-            [t, kk] if kk as usize == k => t as usize,
-            _ => {
-                return Err(ort::Error::new(format!(
-                    "MatMulQ4: x has shape {:?}; expected [tokens, K={k}]",
-                    &**shape
-                )));
-            }
-        };
+        let (x_value, q_value, scale_value, minimum_value) = (
+            input(ctx, 0)?,
+            input(ctx, 1)?,
+            input(ctx, 2)?,
+            input(ctx, 3)?,
+        );
+        let (shape, x) = x_value.try_extract_tensor::<f32>()?;
+        let tokens = tokens("MatMulQ4", shape, k)?;
         let (_, q) = q_value.try_extract_tensor::<u8>()?;
         let (_, scale) = scale_value.try_extract_tensor::<f32>()?;
         let (_, minimum) = minimum_value.try_extract_tensor::<f32>()?;
         let w = Q4Matrix::new(k, n, q, scale, minimum)
             .map_err(|e| ort::Error::new(format!("MatMulQ4: {e}")))?;
-        let mut y_value = ctx
-            .output(0, vec![tokens as i64, n as i64])?
-            .ok_or_else(|| ort::Error::new("MatMulQ4: no output"))?;
-        let (_, y) = y_value.try_extract_tensor_mut::<f32>()?;
-        if tokens == 0 {
-            return Ok(());
-        }
         q4::split_blocks(x, k, &mut self.split);
         let xs = &self.split[..];
-        let out = Output(y.as_mut_ptr());
-        let column_tasks = n.div_ceil(COLUMNS_PER_TASK);
-        let row_groups = tokens.div_ceil(q4::ROWS);
-        let task = move |i: usize| {
-            let out = out;
-            let (group, tile) = (i / column_tasks, i % column_tasks);
-            let first = group * q4::ROWS;
-            let rows = (tokens - first).min(q4::ROWS);
-            let columns = tile * COLUMNS_PER_TASK..((tile + 1) * COLUMNS_PER_TASK).min(n);
-            // SAFETY: task `i` writes rows `first..first + rows` (< tokens)
-            // and `columns` (< N) of the `[tokens, N]` output: tasks cover
-            // disjoint rectangles, and the output tensor lives until
-            // `compute` returns, after the parallel loop.
-            #[allow(unsafe_code)]
-            unsafe {
-                q4::tile(
-                    &w,
-                    &xs[first * k..],
-                    rows,
-                    out.0.add(first * n),
-                    n,
-                    columns,
-                    true,
-                );
-            }
-        };
-        ctx.par_for(row_groups * column_tasks, 0, task)
+        if tokens < q4::UNPACK_FROM_ROWS {
+            return in_tiles(
+                ctx,
+                "MatMulQ4",
+                tokens,
+                n,
+                q4::ROWS,
+                COLUMNS_PER_TASK,
+                |first, rows, out, columns| {
+                    // SAFETY: `in_tiles` hands each task its own rectangle of the output.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        q4::tile(&w, &xs[first * k..], rows, out, n, columns, true);
+                    }
+                },
+            );
+        }
+        // A prompt: each task unpacks its columns once and runs every row over them.
+        in_tiles(
+            ctx,
+            "MatMulQ4",
+            tokens,
+            n,
+            tokens,
+            q4::TILE_COLUMNS,
+            |_, _, out, columns| {
+                UNPACKED.with_borrow_mut(|unpacked| {
+                    q4::dequantize_tile(&w, columns.clone(), unpacked);
+                    for first in (0..tokens).step_by(q4::ROWS) {
+                        let rows = (tokens - first).min(q4::ROWS);
+                        // SAFETY: rows `first..first + rows` of the task's rectangle, which
+                        // `in_tiles` hands to this task alone.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            q4::tile_unpacked(
+                                k,
+                                unpacked,
+                                &xs[first * k..],
+                                rows,
+                                out.wrapping_add(first * n),
+                                n,
+                                columns.clone(),
+                                true,
+                            );
+                        }
+                    }
+                });
+            },
+        )
     }
+}
+
+thread_local! {
+    /// The tile of f32 weights a thread of the pool unpacks a prompt's matrix into.
+    static UNPACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `MatMulQ8(x: f32 [T, K], q: i8 [N, K/32, 32], scale: f32 [N, K/32]) -> y:
+/// f32 [T, N]`, attributes `K` and `N`.
+#[derive(Debug)]
+pub(crate) struct MatMulQ8;
+
+#[derive(Debug)]
+pub(crate) struct MatMulQ8Kernel {
+    k: usize,
+    n: usize,
+}
+
+impl Operator for MatMulQ8 {
+    type Kernel<'attr> = MatMulQ8Kernel;
+
+    fn name(&self) -> &str {
+        "MatMulQ8"
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(TensorElementType::Int8),
+            OperatorInput::required(TensorElementType::Float32),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'attr>(&self, ctx: &KernelContext<'attr>) -> ort::Result<MatMulQ8Kernel> {
+        let (k, n) = dimensions(ctx, "MatMulQ8")?;
+        Ok(MatMulQ8Kernel { k, n })
+    }
+}
+
+impl Kernel for MatMulQ8Kernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let (k, n) = (self.k, self.n);
+        let (x_value, q_value, scale_value) = (input(ctx, 0)?, input(ctx, 1)?, input(ctx, 2)?);
+        let (shape, x) = x_value.try_extract_tensor::<f32>()?;
+        let tokens = tokens("MatMulQ8", shape, k)?;
+        let (_, q) = q_value.try_extract_tensor::<i8>()?;
+        let (_, scale) = scale_value.try_extract_tensor::<f32>()?;
+        let w =
+            Q8Matrix::new(k, n, q, scale).map_err(|e| ort::Error::new(format!("MatMulQ8: {e}")))?;
+        in_tiles(
+            ctx,
+            "MatMulQ8",
+            tokens,
+            n,
+            q4::ROWS,
+            COLUMNS_PER_TASK,
+            |first, rows, out, columns| {
+                // SAFETY: `in_tiles` hands each task its own rectangle of the output.
+                #[allow(unsafe_code)]
+                unsafe {
+                    q8::tile(&w, &x[first * k..], rows, out, n, columns, true);
+                }
+            },
+        )
+    }
+}
+
+/// The attributes `K` (a positive multiple of 32) and `N` (positive).
+fn dimensions(ctx: &KernelContext<'_>, op: &str) -> ort::Result<(usize, usize)> {
+    let dim = |name: &str| -> ort::Result<usize> {
+        match ctx.get::<i64>(name) {
+            Some(v) if v > 0 => Ok(v as usize),
+            Some(v) => Err(ort::Error::new(format!(
+                "{op}: attribute {name} is {v}; it must be positive"
+            ))),
+            None => Err(ort::Error::new(format!(
+                "{op} needs an integer attribute {name}"
+            ))),
+        }
+    };
+    let (k, n) = (dim("K")?, dim("N")?);
+    if !k.is_multiple_of(q4::BLOCK) {
+        return Err(ort::Error::new(format!(
+            "{op}: K is {k}; it must be a multiple of {}",
+            q4::BLOCK
+        )));
+    }
+    Ok((k, n))
+}
+
+fn input<'a>(ctx: &'a ComputeContext, i: usize) -> ort::Result<ort::value::ValueRef<'a>> {
+    ctx.input(i)?
+        .ok_or_else(|| ort::Error::new(format!("input {i} is missing")))
+}
+
+/// Rows of `x`, whose shape must be `[tokens, K]`.
+fn tokens(op: &str, shape: &ort::value::Shape, k: usize) -> ort::Result<usize> {
+    match **shape {
+        [t, kk] if kk as usize == k && t >= 0 => Ok(t as usize),
+        _ => Err(ort::Error::new(format!(
+            "{op}: x has shape {:?}; expected [tokens, K={k}]",
+            &**shape
+        ))),
+    }
+}
+
+/// Allocates the `[tokens, N]` output and runs `task(first, rows, out,
+/// columns)` over the session's intra-op thread pool for every rectangle of
+/// at most `rows_per_task` rows and `columns_per_task` columns, `out`
+/// pointing at row `first` of the output (row stride N).
+fn in_tiles(
+    ctx: &ComputeContext,
+    op: &str,
+    tokens: usize,
+    n: usize,
+    rows_per_task: usize,
+    columns_per_task: usize,
+    task: impl Fn(usize, usize, *mut f32, std::ops::Range<usize>) + Sync + Send,
+) -> ort::Result<()> {
+    let mut y_value = ctx
+        .output(0, vec![tokens as i64, n as i64])?
+        .ok_or_else(|| ort::Error::new(format!("{op}: no output")))?;
+    let (_, y) = y_value.try_extract_tensor_mut::<f32>()?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let out = Output(y.as_mut_ptr());
+    let column_tasks = n.div_ceil(columns_per_task);
+    let row_groups = tokens.div_ceil(rows_per_task);
+    ctx.par_for(row_groups * column_tasks, 0, move |i| {
+        let out = out;
+        let (group, tile) = (i / column_tasks, i % column_tasks);
+        let first = group * rows_per_task;
+        let rows = (tokens - first).min(rows_per_task);
+        let columns = tile * columns_per_task..((tile + 1) * columns_per_task).min(n);
+        // Task `i` writes rows `first..first + rows` (< tokens) and `columns`
+        // (< N) of the `[tokens, N]` output: tasks cover disjoint rectangles,
+        // and the output tensor lives until this function returns, after the
+        // parallel loop.
+        task(first, rows, out.0.wrapping_add(first * n), columns);
+    })
 }

@@ -169,6 +169,86 @@ pub(crate) unsafe fn tile(
     }
 }
 
+/// Rows of `x` from which a call unpacks each tile of [`TILE_COLUMNS`] matrix
+/// rows once into f32 ([`dequantize_tile`]) and multiplies every row of `x`
+/// with it ([`tile_unpacked`]), instead of unpacking the weights again for
+/// each group of [`ROWS`] rows: prompts, not decode steps.
+pub const UNPACK_FROM_ROWS: usize = 16;
+
+/// Matrix rows one unpacked tile holds: 16 × K f32 (96 KiB at K = 1536)
+/// stays in L2 while every row of `x` passes over it.
+pub const TILE_COLUMNS: usize = 16;
+
+/// Unpacks matrix rows `columns` into `out` (`columns.len() × K` f32), each
+/// block in the kernels' order: the weights of its even elements, then of
+/// its odd ones, each `fl(d · q + m)`.
+pub fn dequantize_tile(w: &Q4Matrix<'_>, columns: std::ops::Range<usize>, out: &mut Vec<f32>) {
+    let blocks = w.k / BLOCK;
+    out.clear();
+    out.reserve(columns.len() * w.k);
+    for c in columns {
+        for b in 0..blocks {
+            let i = c * blocks + b;
+            let (d, m) = (w.scale[i], w.minimum[i]);
+            let q = &w.q[i * (BLOCK / 2)..(i + 1) * (BLOCK / 2)];
+            out.extend(q.iter().map(|&byte| f32::from(byte & 0x0F).mul_add(d, m)));
+            out.extend(q.iter().map(|&byte| f32::from(byte >> 4).mul_add(d, m)));
+        }
+    }
+}
+
+/// As [`tile`], over a tile [`dequantize_tile`] unpacked (`unpacked` holds
+/// the matrix rows `columns`), summing each output in the same order as
+/// [`tile`]: the same bits whichever path a call takes.
+///
+/// # Safety
+/// As [`tile`].
+#[allow(unsafe_code, clippy::too_many_arguments)]
+pub(crate) unsafe fn tile_unpacked(
+    k: usize,
+    unpacked: &[f32],
+    xs: &[f32],
+    rows: usize,
+    out: *mut f32,
+    stride: usize,
+    columns: std::ops::Range<usize>,
+    vector: bool,
+) {
+    debug_assert!(rows <= ROWS && xs.len() >= rows * k && unpacked.len() >= columns.len() * k);
+    #[cfg(target_arch = "x86_64")]
+    if vector && accelerated() {
+        // SAFETY: the CPU has AVX-512F (checked above); the caller
+        // guarantees the memory conditions the kernel relies on.
+        unsafe {
+            match rows {
+                1 => avx512::tile_unpacked::<4, 1>(k, unpacked, xs, out, stride, columns),
+                2 => avx512::tile_unpacked::<4, 2>(k, unpacked, xs, out, stride, columns),
+                3 => avx512::tile_unpacked::<2, 3>(k, unpacked, xs, out, stride, columns),
+                _ => avx512::tile_unpacked::<2, 4>(k, unpacked, xs, out, stride, columns),
+            }
+        }
+        return;
+    }
+    let first = columns.start;
+    for r in 0..rows {
+        let x = &xs[r * k..(r + 1) * k];
+        for c in columns.clone() {
+            let w = &unpacked[(c - first) * k..(c - first + 1) * k];
+            let mut lanes = [0f32; BLOCK];
+            for (wb, xb) in w.chunks_exact(BLOCK).zip(x.chunks_exact(BLOCK)) {
+                for j in 0..BLOCK {
+                    lanes[j] = wb[j].mul_add(xb[j], lanes[j]);
+                }
+            }
+            let value = (0..BLOCK / 2)
+                .map(|j| lanes[j] + lanes[BLOCK / 2 + j])
+                .sum();
+            // SAFETY: in bounds and unaliased, as the caller guarantees.
+            unsafe { *out.add(r * stride + c) = value };
+        }
+    }
+}
+
 /// `x [T, K] · Wᵀ` on the calling thread: the operator's arithmetic without
 /// ONNX Runtime (tests and benchmarks compare against it).
 pub fn matmul(w: &Q4Matrix<'_>, x: &[f32]) -> Vec<f32> {
@@ -180,21 +260,27 @@ fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
     let mut xs = Vec::new();
     split_blocks(&x[..tokens * w.k], w.k, &mut xs);
     let mut y = vec![0f32; tokens * w.n];
-    for first in (0..tokens).step_by(ROWS) {
-        let rows = (tokens - first).min(ROWS);
-        // SAFETY: `y` is `[tokens, N]`, owned here; rows `first..first +
-        // rows` and columns `0..N` are in bounds.
-        #[allow(unsafe_code)]
-        unsafe {
-            tile(
-                w,
-                &xs[first * w.k..],
-                rows,
-                y.as_mut_ptr().add(first * w.n),
-                w.n,
-                0..w.n,
-                vector,
-            );
+    let unpack = tokens >= UNPACK_FROM_ROWS;
+    let step = if unpack { TILE_COLUMNS } else { w.n };
+    let mut unpacked = Vec::new();
+    for start in (0..w.n).step_by(step) {
+        let columns = start..(start + step).min(w.n);
+        if unpack {
+            dequantize_tile(w, columns.clone(), &mut unpacked);
+        }
+        for first in (0..tokens).step_by(ROWS) {
+            let rows = (tokens - first).min(ROWS);
+            let (x, out) = (&xs[first * w.k..], y[first * w.n..].as_mut_ptr());
+            // SAFETY: `y` is `[tokens, N]`, owned here; rows `first..first +
+            // rows` and `columns` are in bounds.
+            #[allow(unsafe_code)]
+            unsafe {
+                if unpack {
+                    tile_unpacked(w.k, &unpacked, x, rows, out, w.n, columns.clone(), vector);
+                } else {
+                    tile(w, x, rows, out, w.n, columns.clone(), vector);
+                }
+            }
         }
     }
     y
@@ -216,7 +302,9 @@ fn portable_dot(w: &Q4Matrix<'_>, x: &[f32], c: usize) -> f32 {
             lanes[BLOCK / 2 + j] = high.mul_add(x[BLOCK / 2 + j], lanes[BLOCK / 2 + j]);
         }
     }
-    lanes.iter().sum()
+    (0..BLOCK / 2)
+        .map(|j| lanes[j] + lanes[BLOCK / 2 + j])
+        .sum()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -225,6 +313,66 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q4Matrix};
+
+    /// As [`tile`], with the weights read from an unpacked tile (row `c` of
+    /// the matrix at `(c - columns.start) · K`) instead of unpacked here;
+    /// the same accumulators in the same order.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; the conditions of [`super::tile_unpacked`] hold.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_unpacked<const C: usize, const R: usize>(
+        k: usize,
+        unpacked: &[f32],
+        xs: &[f32],
+        out: *mut f32,
+        stride: usize,
+        columns: std::ops::Range<usize>,
+    ) {
+        let blocks = k / BLOCK;
+        let mut c0 = columns.start;
+        while c0 < columns.end {
+            let width = if c0 + C <= columns.end { C } else { 1 };
+            let mut low = [[_mm512_setzero_ps(); R]; C];
+            let mut high = [[_mm512_setzero_ps(); R]; C];
+            for b in 0..blocks {
+                let mut x = [[_mm512_setzero_ps(); 2]; R];
+                for (r, x) in x.iter_mut().enumerate() {
+                    let at = &xs[r * k + b * BLOCK..r * k + (b + 1) * BLOCK];
+                    // SAFETY: `at` holds 32 f32s; unaligned loads.
+                    *x = unsafe {
+                        [
+                            _mm512_loadu_ps(at.as_ptr()),
+                            _mm512_loadu_ps(at.as_ptr().add(16)),
+                        ]
+                    };
+                }
+                for c in 0..width {
+                    let at = (c0 + c - columns.start) * k + b * BLOCK;
+                    let w = &unpacked[at..at + BLOCK];
+                    // SAFETY: `w` holds 32 f32s; unaligned loads.
+                    let (w_lo, w_hi) = unsafe {
+                        (
+                            _mm512_loadu_ps(w.as_ptr()),
+                            _mm512_loadu_ps(w.as_ptr().add(16)),
+                        )
+                    };
+                    for r in 0..R {
+                        low[c][r] = _mm512_fmadd_ps(w_lo, x[r][0], low[c][r]);
+                        high[c][r] = _mm512_fmadd_ps(w_hi, x[r][1], high[c][r]);
+                    }
+                }
+            }
+            for c in 0..width {
+                for r in 0..R {
+                    let sum = _mm512_reduce_add_ps(_mm512_add_ps(low[c][r], high[c][r]));
+                    // SAFETY: in bounds and unaliased, as the caller guarantees.
+                    unsafe { *out.add(r * stride + c0 + c) = sum };
+                }
+            }
+            c0 += width;
+        }
+    }
 
     /// `C` matrix rows at a time against `R` rows of `x`. Per block and
     /// matrix row: the 16 bytes widen to 16 lanes, the low and high nibbles
@@ -366,7 +514,7 @@ mod tests {
         for (k, n) in [(64, 67), (1536, 9)] {
             let (q, scale, minimum) = matrix(k, n, 7 + k as u64);
             let w = Q4Matrix::new(k, n, &q, &scale, &minimum).unwrap();
-            for tokens in [1, 2, 3, 4, 5, 9] {
+            for tokens in [1, 2, 3, 4, 5, 9, UNPACK_FROM_ROWS, UNPACK_FROM_ROWS + 3] {
                 let x = activations(tokens, k);
                 let want = reference(&w, &x);
                 for vector in [true, false] {
@@ -388,9 +536,12 @@ mod tests {
         let (k, n) = (576, 40);
         let (q, scale, minimum) = matrix(k, n, 3);
         let w = Q4Matrix::new(k, n, &q, &scale, &minimum).unwrap();
-        let x = activations(7, k);
+        // 7 rows take the direct path, 21 the unpacked one: the same bits either way.
+        let x = activations(21, k);
         let batch = matmul(&w, &x);
-        for t in 0..7 {
+        let fewer = matmul(&w, &x[..7 * k]);
+        assert_eq!(fewer[..], batch[..7 * n]);
+        for t in 0..21 {
             let alone = matmul(&w, &x[t * k..(t + 1) * k]);
             assert_eq!(alone[..], batch[t * n..(t + 1) * n], "row {t}");
         }

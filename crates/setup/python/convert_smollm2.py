@@ -75,8 +75,9 @@ PADDING = {"q4": "right", "fp32": "left"}
 # the plain attention of the reference concatenates them into a new present.
 KV_CACHE = {"q4": "shared", "fp32": "copy"}
 # The q4 variant's second graph: the same function with lmgrid's MatMulQ4 kernel (custom
-# operator domain ai.lmgrid) in place of MatMulNBits and its block-offset corrections. The
-# worker loads it on CPUs with AVX-512; model.onnx stays the graph for CUDA and other CPUs.
+# operator domain ai.lmgrid) in place of MatMulNBits and its block-offset corrections, and
+# MatMulQ8 over the Q8_0 blocks as the LM head. The worker loads it on CPUs with AVX-512;
+# model.onnx stays the graph for CUDA and other CPUs.
 CPU_GRAPH = "model.cpu.onnx"
 CPU_GRAPH_YAML = f"""# On CPUs with AVX-512 the worker loads {CPU_GRAPH}: lmgrid's own exact 4-bit kernel.
 cpu_graph: {CPU_GRAPH}
@@ -561,6 +562,30 @@ def build_q4(gguf, cpu=False):
     last_index = g.op("Min", [last_position, g.op("Sub", [seq, g.i64(1)], "seq_last")], "last_index")
     last_index = g.op("Unsqueeze", [last_index, g.i64(1)], "last_index_b1")  # [B, 1]
     last = g.op("GatherND", [h, last_index], "last", batch_dims=1)  # [B, 576]
+    if cpu:
+        # The tied LM head as lmgrid's MatMulQ8 over the GGUF's own Q8_0 blocks, for any
+        # number of rows: 28 MB read per step instead of 113 MB, weights exact.
+        q8, scale8 = gguf.q8_0("token_embd.weight")  # [V, 18, 32], [V, 18]
+        g.count += 1
+        logits = f"logits_2d_{g.count}"
+        g.nodes.append(
+            helper.make_node(
+                "MatMulQ8",
+                [last, g.const("head.q8", q8), g.const("head.scale", scale8.astype(np.float32))],
+                [logits],
+                name=f"MatMulQ8_{g.count}",
+                domain=LMGRID_DOMAIN,
+                K=hidden,
+                N=gguf.vocab,
+            )
+        )
+        g.output("Unsqueeze", [logits, g.i64(1)], "logits")
+        opsets = [
+            helper.make_opsetid("", OPSET),
+            helper.make_opsetid("com.microsoft", MS_OPSET),
+            helper.make_opsetid(LMGRID_DOMAIN, 1),
+        ]
+        return finish(g, gguf, "q4", opsets)
     # The tied LM head: 4 bits for one row (decoding a single sequence reads 35 MB instead of
     # 113 MB), the fp32 table for several (MatMulNBits is slower than fp32 Gemm there).
     batch = g.op("Shape", ["input_ids"], "batch_1d", start=0, end=1)
@@ -586,8 +611,6 @@ def build_q4(gguf, cpu=False):
     logits = g.op("If", [single], "logits_2d", then_branch=head_q4, else_branch=head_fp32)
     g.output("Unsqueeze", [logits, g.i64(1)], "logits")
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)]
-    if cpu:
-        opsets.append(helper.make_opsetid(LMGRID_DOMAIN, 1))
     return finish(g, gguf, "q4", opsets)
 
 

@@ -357,9 +357,26 @@ def check_cpu_graph(version_dir, layers, check):
         worst = max(worst, float(np.abs(minimum + 8.0 * scale - offset).max()))
     check(same, "model.cpu.onnx: MatMulQ4 nibbles and scales are model.onnx's MatMulNBits ones")
     check(worst <= 1e-6, f"model.cpu.onnx: minimum + 8 * scale = block offset (max abs {worst:.1e})")
-    ignored = {"MatMulQ4", "MatMulNBits", "Gemm", "MatMul"}
+    # The LM head: MatMulQ8 over the Q8_0 blocks, whose weights scale * q must be exactly
+    # the fp32 table model.onnx's fp32 head multiplies with.
+    heads = [n for n in cpu_graph.node if n.op_type == "MatMulQ8"]
+    check(len(heads) == 1, f"model.cpu.onnx: one MatMulQ8 LM head ({len(heads)})")
+    if len(heads) == 1:
+        q8 = numpy_helper.to_array(cpu_init[heads[0].input[1]]).astype(np.float32)
+        scale8 = numpy_helper.to_array(cpu_init[heads[0].input[2]])
+        table = numpy_helper.to_array(main_init["token_embd.weight"])
+        check(
+            np.array_equal((scale8[:, :, None] * q8).reshape(table.shape), table),
+            "model.cpu.onnx: the MatMulQ8 head's scale * q is exactly model.onnx's fp32 table",
+        )
+    # Everything else as in model.onnx, but for the head's If on the batch size (with the
+    # Shape, Equal and Squeeze that compute its condition).
+    ignored = {"MatMulQ4", "MatMulQ8", "MatMulNBits", "Gemm", "MatMul", "If", "Equal"}
     kinds = lambda graph: sorted(n.op_type for n in graph.node if n.op_type not in ignored)
-    check(kinds(cpu_graph) == kinds(main_graph), "model.cpu.onnx: every other node as in model.onnx")
+    main_kinds = kinds(main_graph)
+    for head_only in ("Shape", "Squeeze"):
+        main_kinds.remove(head_only)
+    check(kinds(cpu_graph) == main_kinds, "model.cpu.onnx: every other node as in model.onnx")
 
 
 def main():

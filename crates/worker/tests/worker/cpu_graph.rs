@@ -179,10 +179,12 @@ fn the_cpu_graph_gives_the_logits_of_model_onnx() -> anyhow::Result<()> {
             empty_cache(1)?,
             0,
         )?;
-        let diff = max_diff(&alone[0], &batch[row]);
-        assert!(
-            diff <= 5e-4,
-            "row {row} in a batch differs from alone by {diff}"
+        // lmgrid's kernels sum each output in an order that does not depend on the other
+        // rows, and so do ONNX Runtime's norms and GroupQueryAttention here: a row's logits
+        // in a padded batch are bit for bit its logits alone (model.onnx differs by ~1e-4).
+        assert_eq!(
+            alone[0], batch[row],
+            "row {row} in a batch differs from alone"
         );
     }
     Ok(())

@@ -1,0 +1,275 @@
+//! `y = x · Wᵀ` for a matrix `W [N, K]` stored as 8-bit blocks (GGUF's
+//! Q8_0): each block of 32 weights along K has a scale `d`, and weight `i`
+//! is `d · qᵢ` for a signed byte `qᵢ`.
+//!
+//! `d · q` is exact in f32 (an fp16-sized scale times an 8-bit integer
+//! needs at most 19 significant bits), so the kernel multiplies with exactly
+//! the weights a converter that dequantizes the table stores, and sums in
+//! f32, like [`crate::q4`].
+
+use crate::q4::{BLOCK, ROWS};
+
+/// An 8-bit matrix `[N, K]`, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct Q8Matrix<'a> {
+    /// Columns of `x` (the reduction length), a multiple of [`BLOCK`].
+    pub k: usize,
+    /// Rows of the matrix (outputs).
+    pub n: usize,
+    /// `[N, K/32, 32]` signed bytes.
+    pub q: &'a [i8],
+    /// `[N, K/32]` block scales.
+    pub scale: &'a [f32],
+}
+
+impl<'a> Q8Matrix<'a> {
+    /// Checks the sizes; errors say which part is wrong.
+    pub fn new(k: usize, n: usize, q: &'a [i8], scale: &'a [f32]) -> Result<Self, String> {
+        if k == 0 || !k.is_multiple_of(BLOCK) {
+            return Err(format!(
+                "K is {k}; it must be a positive multiple of {BLOCK}"
+            ));
+        }
+        if n == 0 {
+            return Err("N must be positive".into());
+        }
+        if q.len() != n * k {
+            return Err(format!(
+                "the weights hold {} bytes; [N={n}, K/32={}, 32] needs {}",
+                q.len(),
+                k / BLOCK,
+                n * k
+            ));
+        }
+        if scale.len() != n * k / BLOCK {
+            return Err(format!(
+                "scale holds {} values; [N={n}, K/32={}] needs {}",
+                scale.len(),
+                k / BLOCK,
+                n * k / BLOCK
+            ));
+        }
+        Ok(Q8Matrix { k, n, q, scale })
+    }
+
+    /// Weight `[row, column]`: `d · q`, exact.
+    pub fn weight(&self, row: usize, column: usize) -> f32 {
+        let block = row * (self.k / BLOCK) + column / BLOCK;
+        f32::from(self.q[row * self.k + column]) * self.scale[block]
+    }
+}
+
+/// `x [T, K] · Wᵀ` on the calling thread (tests and benchmarks).
+pub fn matmul(w: &Q8Matrix<'_>, x: &[f32]) -> Vec<f32> {
+    matmul_with(w, x, true)
+}
+
+fn matmul_with(w: &Q8Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
+    let tokens = x.len() / w.k;
+    let mut y = vec![0f32; tokens * w.n];
+    for first in (0..tokens).step_by(ROWS) {
+        let rows = (tokens - first).min(ROWS);
+        // SAFETY: `y` is `[tokens, N]`, owned here; rows `first..first +
+        // rows` and columns `0..N` are in bounds.
+        #[allow(unsafe_code)]
+        unsafe {
+            tile(
+                w,
+                &x[first * w.k..],
+                rows,
+                y.as_mut_ptr().add(first * w.n),
+                w.n,
+                0..w.n,
+                vector,
+            );
+        }
+    }
+    y
+}
+
+/// Computes `out[r · stride + c] = Σ_k x[r · K + k] · W[c, k]` for `rows`
+/// (≤ [`ROWS`]) rows of `x` and the matrix rows `columns`, with the vector
+/// kernel when `vector` and the CPU has it.
+///
+/// # Safety
+/// As [`crate::q4::tile`]: `out` valid and unaliased at every `r · stride
+/// + c` written, `x` holding `rows · K` values, `columns` within `0..N`.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn tile(
+    w: &Q8Matrix<'_>,
+    x: &[f32],
+    rows: usize,
+    out: *mut f32,
+    stride: usize,
+    columns: std::ops::Range<usize>,
+    vector: bool,
+) {
+    debug_assert!(rows <= ROWS && x.len() >= rows * w.k && columns.end <= w.n);
+    #[cfg(target_arch = "x86_64")]
+    if vector && crate::q4::accelerated() {
+        // SAFETY: the CPU has AVX-512F (checked above); the caller
+        // guarantees the memory conditions the kernel relies on.
+        unsafe {
+            match rows {
+                1 => avx512::tile::<4, 1>(w, x, out, stride, columns),
+                2 => avx512::tile::<4, 2>(w, x, out, stride, columns),
+                3 => avx512::tile::<2, 3>(w, x, out, stride, columns),
+                _ => avx512::tile::<2, 4>(w, x, out, stride, columns),
+            }
+        }
+        return;
+    }
+    let blocks = w.k / BLOCK;
+    for r in 0..rows {
+        let x = &x[r * w.k..(r + 1) * w.k];
+        for c in columns.clone() {
+            let mut lanes = [0f32; BLOCK];
+            for b in 0..blocks {
+                let d = w.scale[c * blocks + b];
+                let q = &w.q[c * w.k + b * BLOCK..c * w.k + (b + 1) * BLOCK];
+                for (j, lane) in lanes.iter_mut().enumerate() {
+                    *lane = (f32::from(q[j]) * d).mul_add(x[b * BLOCK + j], *lane);
+                }
+            }
+            // SAFETY: in bounds and unaliased, as the caller guarantees.
+            unsafe { *out.add(r * stride + c) = lanes.iter().sum() };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, Q8Matrix};
+
+    /// `C` matrix rows at a time against `R` rows of `x`: per block and
+    /// matrix row, each 16 bytes widen to 16 f32 lanes, are multiplied by
+    /// the block's scale (exact) and multiply-add into one of two
+    /// accumulators.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; the conditions of [`super::tile`] hold.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile<const C: usize, const R: usize>(
+        w: &Q8Matrix<'_>,
+        xs: &[f32],
+        out: *mut f32,
+        stride: usize,
+        columns: std::ops::Range<usize>,
+    ) {
+        let blocks = w.k / BLOCK;
+        let mut c0 = columns.start;
+        while c0 < columns.end {
+            let width = if c0 + C <= columns.end { C } else { 1 };
+            let mut low = [[_mm512_setzero_ps(); R]; C];
+            let mut high = [[_mm512_setzero_ps(); R]; C];
+            for b in 0..blocks {
+                let mut x = [[_mm512_setzero_ps(); 2]; R];
+                for (r, x) in x.iter_mut().enumerate() {
+                    let at = &xs[r * w.k + b * BLOCK..r * w.k + (b + 1) * BLOCK];
+                    // SAFETY: `at` holds 32 f32s; unaligned loads.
+                    *x = unsafe {
+                        [
+                            _mm512_loadu_ps(at.as_ptr()),
+                            _mm512_loadu_ps(at.as_ptr().add(16)),
+                        ]
+                    };
+                }
+                for c in 0..width {
+                    let row = c0 + c;
+                    let bytes = &w.q[row * w.k + b * BLOCK..row * w.k + (b + 1) * BLOCK];
+                    // SAFETY: `bytes` holds 32 bytes; two unaligned 16-byte loads.
+                    let (lo, hi) = unsafe {
+                        (
+                            _mm_loadu_si128(bytes.as_ptr().cast()),
+                            _mm_loadu_si128(bytes.as_ptr().add(16).cast()),
+                        )
+                    };
+                    let d = _mm512_set1_ps(w.scale[row * blocks + b]);
+                    let w_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), d);
+                    let w_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), d);
+                    for r in 0..R {
+                        low[c][r] = _mm512_fmadd_ps(w_lo, x[r][0], low[c][r]);
+                        high[c][r] = _mm512_fmadd_ps(w_hi, x[r][1], high[c][r]);
+                    }
+                }
+            }
+            for c in 0..width {
+                for r in 0..R {
+                    let sum = _mm512_reduce_add_ps(_mm512_add_ps(low[c][r], high[c][r]));
+                    // SAFETY: in bounds and unaliased, as the caller guarantees.
+                    unsafe { *out.add(r * stride + c0 + c) = sum };
+                }
+            }
+            c0 += width;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
+        let q = (0..n * k)
+            .map(|i| ((i * 7919 % 255) as i32 - 127) as i8)
+            .collect();
+        let scale = (0..n * k / BLOCK)
+            .map(|i| (1 + i % 13) as f32 * 1.5e-3)
+            .collect();
+        (q, scale)
+    }
+
+    #[test]
+    fn both_kernels_match_an_f64_product_for_every_row_count_and_ragged_columns() {
+        for (k, n) in [(64, 67), (576, 11)] {
+            let (q, scale) = matrix(k, n);
+            let w = Q8Matrix::new(k, n, &q, &scale).unwrap();
+            for tokens in [1, 2, 3, 4, 6] {
+                let x: Vec<f32> = (0..tokens * k)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03)
+                    .collect();
+                for vector in [true, false] {
+                    let got = matmul_with(&w, &x, vector);
+                    for t in 0..tokens {
+                        for c in 0..n {
+                            let want: f64 = (0..k)
+                                .map(|j| f64::from(w.weight(c, j)) * f64::from(x[t * k + j]))
+                                .sum();
+                            let g = f64::from(got[t * n + c]);
+                            assert!(
+                                (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "k {k} n {n} tokens {tokens} vector {vector} [{t}, {c}]: {g} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weights_are_scale_times_byte_and_sizes_are_checked() {
+        let mut q = vec![0i8; 32];
+        q[3] = -128;
+        q[31] = 127;
+        let w = Q8Matrix::new(32, 1, &q, &[0.25]).unwrap();
+        assert_eq!(w.weight(0, 3), -32.0);
+        let mut x = vec![0f32; 32];
+        x[3] = 1.0;
+        x[31] = 4.0;
+        assert_eq!(matmul(&w, &x), vec![-32.0 + 127.0]);
+        assert!(
+            Q8Matrix::new(32, 2, &q, &[1.0, 1.0])
+                .unwrap_err()
+                .contains("hold 32 bytes")
+        );
+        assert!(
+            Q8Matrix::new(32, 1, &q, &[1.0, 1.0])
+                .unwrap_err()
+                .contains("scale holds 2")
+        );
+    }
+}
