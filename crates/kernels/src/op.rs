@@ -104,61 +104,14 @@ impl Kernel for MatMulQ4Kernel {
             .map_err(|e| ort::Error::new(format!("MatMulQ4: {e}")))?;
         q4::split_blocks(x, k, &mut self.split);
         let xs = &self.split[..];
-        if tokens < q4::UNPACK_FROM_ROWS {
-            return in_tiles(
-                ctx,
-                "MatMulQ4",
-                tokens,
-                n,
-                q4::ROWS,
-                COLUMNS_PER_TASK,
-                |first, rows, out, columns| {
-                    // SAFETY: `in_tiles` hands each task its own rectangle of the output.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        q4::tile(&w, &xs[first * k..], rows, out, n, columns, true);
-                    }
-                },
-            );
-        }
-        // A prompt: each task unpacks its columns once and runs every row over them.
-        in_tiles(
-            ctx,
-            "MatMulQ4",
-            tokens,
-            n,
-            tokens,
-            q4::TILE_COLUMNS,
-            |_, _, out, columns| {
-                UNPACKED.with_borrow_mut(|unpacked| {
-                    q4::dequantize_tile(&w, columns.clone(), unpacked);
-                    for first in (0..tokens).step_by(q4::ROWS) {
-                        let rows = (tokens - first).min(q4::ROWS);
-                        // SAFETY: rows `first..first + rows` of the task's rectangle, which
-                        // `in_tiles` hands to this task alone.
-                        #[allow(unsafe_code)]
-                        unsafe {
-                            q4::tile_unpacked(
-                                k,
-                                unpacked,
-                                &xs[first * k..],
-                                rows,
-                                out.wrapping_add(first * n),
-                                n,
-                                columns.clone(),
-                                true,
-                            );
-                        }
-                    }
-                });
-            },
-        )
+        in_tiles(ctx, "MatMulQ4", tokens, n, |first, rows, out, columns| {
+            // SAFETY: `in_tiles` hands each task its own rectangle of the output.
+            #[allow(unsafe_code)]
+            unsafe {
+                q4::tile(&w, &xs[first * k..], rows, out, n, columns, true);
+            }
+        })
     }
-}
-
-thread_local! {
-    /// The tile of f32 weights a thread of the pool unpacks a prompt's matrix into.
-    static UNPACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `MatMulQ8(x: f32 [T, K], q: i8 [N, K/32, 32], scale: f32 [N, K/32]) -> y:
@@ -207,21 +160,13 @@ impl Kernel for MatMulQ8Kernel {
         let (_, scale) = scale_value.try_extract_tensor::<f32>()?;
         let w =
             Q8Matrix::new(k, n, q, scale).map_err(|e| ort::Error::new(format!("MatMulQ8: {e}")))?;
-        in_tiles(
-            ctx,
-            "MatMulQ8",
-            tokens,
-            n,
-            q4::ROWS,
-            COLUMNS_PER_TASK,
-            |first, rows, out, columns| {
-                // SAFETY: `in_tiles` hands each task its own rectangle of the output.
-                #[allow(unsafe_code)]
-                unsafe {
-                    q8::tile(&w, &x[first * k..], rows, out, n, columns, true);
-                }
-            },
-        )
+        in_tiles(ctx, "MatMulQ8", tokens, n, |first, rows, out, columns| {
+            // SAFETY: `in_tiles` hands each task its own rectangle of the output.
+            #[allow(unsafe_code)]
+            unsafe {
+                q8::tile(&w, &x[first * k..], rows, out, n, columns, true);
+            }
+        })
     }
 }
 
@@ -266,15 +211,13 @@ fn tokens(op: &str, shape: &ort::value::Shape, k: usize) -> ort::Result<usize> {
 
 /// Allocates the `[tokens, N]` output and runs `task(first, rows, out,
 /// columns)` over the session's intra-op thread pool for every rectangle of
-/// at most `rows_per_task` rows and `columns_per_task` columns, `out`
+/// at most [`q4::ROWS`] rows and [`COLUMNS_PER_TASK`] columns, `out`
 /// pointing at row `first` of the output (row stride N).
 fn in_tiles(
     ctx: &ComputeContext,
     op: &str,
     tokens: usize,
     n: usize,
-    rows_per_task: usize,
-    columns_per_task: usize,
     task: impl Fn(usize, usize, *mut f32, std::ops::Range<usize>) + Sync + Send,
 ) -> ort::Result<()> {
     let mut y_value = ctx
@@ -285,6 +228,7 @@ fn in_tiles(
         return Ok(());
     }
     let out = Output(y.as_mut_ptr());
+    let (rows_per_task, columns_per_task) = (q4::ROWS, COLUMNS_PER_TASK);
     let column_tasks = n.div_ceil(columns_per_task);
     let row_groups = tokens.div_ceil(rows_per_task);
     ctx.par_for(row_groups * column_tasks, 0, move |i| {

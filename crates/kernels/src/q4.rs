@@ -169,86 +169,6 @@ pub(crate) unsafe fn tile(
     }
 }
 
-/// Rows of `x` from which a call unpacks each tile of [`TILE_COLUMNS`] matrix
-/// rows once into f32 ([`dequantize_tile`]) and multiplies every row of `x`
-/// with it ([`tile_unpacked`]), instead of unpacking the weights again for
-/// each group of [`ROWS`] rows: prompts, not decode steps.
-pub const UNPACK_FROM_ROWS: usize = 16;
-
-/// Matrix rows one unpacked tile holds: 16 × K f32 (96 KiB at K = 1536)
-/// stays in L2 while every row of `x` passes over it.
-pub const TILE_COLUMNS: usize = 16;
-
-/// Unpacks matrix rows `columns` into `out` (`columns.len() × K` f32), each
-/// block in the kernels' order: the weights of its even elements, then of
-/// its odd ones, each `fl(d · q + m)`.
-pub fn dequantize_tile(w: &Q4Matrix<'_>, columns: std::ops::Range<usize>, out: &mut Vec<f32>) {
-    let blocks = w.k / BLOCK;
-    out.clear();
-    out.reserve(columns.len() * w.k);
-    for c in columns {
-        for b in 0..blocks {
-            let i = c * blocks + b;
-            let (d, m) = (w.scale[i], w.minimum[i]);
-            let q = &w.q[i * (BLOCK / 2)..(i + 1) * (BLOCK / 2)];
-            out.extend(q.iter().map(|&byte| f32::from(byte & 0x0F).mul_add(d, m)));
-            out.extend(q.iter().map(|&byte| f32::from(byte >> 4).mul_add(d, m)));
-        }
-    }
-}
-
-/// As [`tile`], over a tile [`dequantize_tile`] unpacked (`unpacked` holds
-/// the matrix rows `columns`), summing each output in the same order as
-/// [`tile`]: the same bits whichever path a call takes.
-///
-/// # Safety
-/// As [`tile`].
-#[allow(unsafe_code, clippy::too_many_arguments)]
-pub(crate) unsafe fn tile_unpacked(
-    k: usize,
-    unpacked: &[f32],
-    xs: &[f32],
-    rows: usize,
-    out: *mut f32,
-    stride: usize,
-    columns: std::ops::Range<usize>,
-    vector: bool,
-) {
-    debug_assert!(rows <= ROWS && xs.len() >= rows * k && unpacked.len() >= columns.len() * k);
-    #[cfg(target_arch = "x86_64")]
-    if vector && accelerated() {
-        // SAFETY: the CPU has AVX-512F (checked above); the caller
-        // guarantees the memory conditions the kernel relies on.
-        unsafe {
-            match rows {
-                1 => avx512::tile_unpacked::<4, 1>(k, unpacked, xs, out, stride, columns),
-                2 => avx512::tile_unpacked::<4, 2>(k, unpacked, xs, out, stride, columns),
-                3 => avx512::tile_unpacked::<2, 3>(k, unpacked, xs, out, stride, columns),
-                _ => avx512::tile_unpacked::<2, 4>(k, unpacked, xs, out, stride, columns),
-            }
-        }
-        return;
-    }
-    let first = columns.start;
-    for r in 0..rows {
-        let x = &xs[r * k..(r + 1) * k];
-        for c in columns.clone() {
-            let w = &unpacked[(c - first) * k..(c - first + 1) * k];
-            let mut lanes = [0f32; BLOCK];
-            for (wb, xb) in w.chunks_exact(BLOCK).zip(x.chunks_exact(BLOCK)) {
-                for j in 0..BLOCK {
-                    lanes[j] = wb[j].mul_add(xb[j], lanes[j]);
-                }
-            }
-            let value = (0..BLOCK / 2)
-                .map(|j| lanes[j] + lanes[BLOCK / 2 + j])
-                .sum();
-            // SAFETY: in bounds and unaliased, as the caller guarantees.
-            unsafe { *out.add(r * stride + c) = value };
-        }
-    }
-}
-
 /// `x [T, K] · Wᵀ` on the calling thread: the operator's arithmetic without
 /// ONNX Runtime (tests and benchmarks compare against it).
 pub fn matmul(w: &Q4Matrix<'_>, x: &[f32]) -> Vec<f32> {
@@ -260,27 +180,14 @@ fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
     let mut xs = Vec::new();
     split_blocks(&x[..tokens * w.k], w.k, &mut xs);
     let mut y = vec![0f32; tokens * w.n];
-    let unpack = tokens >= UNPACK_FROM_ROWS;
-    let step = if unpack { TILE_COLUMNS } else { w.n };
-    let mut unpacked = Vec::new();
-    for start in (0..w.n).step_by(step) {
-        let columns = start..(start + step).min(w.n);
-        if unpack {
-            dequantize_tile(w, columns.clone(), &mut unpacked);
-        }
-        for first in (0..tokens).step_by(ROWS) {
-            let rows = (tokens - first).min(ROWS);
-            let (x, out) = (&xs[first * w.k..], y[first * w.n..].as_mut_ptr());
-            // SAFETY: `y` is `[tokens, N]`, owned here; rows `first..first +
-            // rows` and `columns` are in bounds.
-            #[allow(unsafe_code)]
-            unsafe {
-                if unpack {
-                    tile_unpacked(w.k, &unpacked, x, rows, out, w.n, columns.clone(), vector);
-                } else {
-                    tile(w, x, rows, out, w.n, columns.clone(), vector);
-                }
-            }
+    for first in (0..tokens).step_by(ROWS) {
+        let rows = (tokens - first).min(ROWS);
+        // SAFETY: `y` is `[tokens, N]`, owned here; rows `first..first +
+        // rows` and columns `0..N` are in bounds.
+        #[allow(unsafe_code)]
+        unsafe {
+            let out = y.as_mut_ptr().add(first * w.n);
+            tile(w, &xs[first * w.k..], rows, out, w.n, 0..w.n, vector);
         }
     }
     y
@@ -314,66 +221,6 @@ mod avx512 {
 
     use super::{BLOCK, Q4Matrix};
 
-    /// As [`tile`], with the weights read from an unpacked tile (row `c` of
-    /// the matrix at `(c - columns.start) · K`) instead of unpacked here;
-    /// the same accumulators in the same order.
-    ///
-    /// # Safety
-    /// AVX-512F must be available; the conditions of [`super::tile_unpacked`] hold.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile_unpacked<const C: usize, const R: usize>(
-        k: usize,
-        unpacked: &[f32],
-        xs: &[f32],
-        out: *mut f32,
-        stride: usize,
-        columns: std::ops::Range<usize>,
-    ) {
-        let blocks = k / BLOCK;
-        let mut c0 = columns.start;
-        while c0 < columns.end {
-            let width = if c0 + C <= columns.end { C } else { 1 };
-            let mut low = [[_mm512_setzero_ps(); R]; C];
-            let mut high = [[_mm512_setzero_ps(); R]; C];
-            for b in 0..blocks {
-                let mut x = [[_mm512_setzero_ps(); 2]; R];
-                for (r, x) in x.iter_mut().enumerate() {
-                    let at = &xs[r * k + b * BLOCK..r * k + (b + 1) * BLOCK];
-                    // SAFETY: `at` holds 32 f32s; unaligned loads.
-                    *x = unsafe {
-                        [
-                            _mm512_loadu_ps(at.as_ptr()),
-                            _mm512_loadu_ps(at.as_ptr().add(16)),
-                        ]
-                    };
-                }
-                for c in 0..width {
-                    let at = (c0 + c - columns.start) * k + b * BLOCK;
-                    let w = &unpacked[at..at + BLOCK];
-                    // SAFETY: `w` holds 32 f32s; unaligned loads.
-                    let (w_lo, w_hi) = unsafe {
-                        (
-                            _mm512_loadu_ps(w.as_ptr()),
-                            _mm512_loadu_ps(w.as_ptr().add(16)),
-                        )
-                    };
-                    for r in 0..R {
-                        low[c][r] = _mm512_fmadd_ps(w_lo, x[r][0], low[c][r]);
-                        high[c][r] = _mm512_fmadd_ps(w_hi, x[r][1], high[c][r]);
-                    }
-                }
-            }
-            for c in 0..width {
-                for r in 0..R {
-                    let sum = _mm512_reduce_add_ps(_mm512_add_ps(low[c][r], high[c][r]));
-                    // SAFETY: in bounds and unaliased, as the caller guarantees.
-                    unsafe { *out.add(r * stride + c0 + c) = sum };
-                }
-            }
-            c0 += width;
-        }
-    }
-
     /// `C` matrix rows at a time against `R` rows of `x`. Per block and
     /// matrix row: the 16 bytes widen to 16 lanes, the low and high nibbles
     /// index a 16-entry table `d · i + m` (`vpermps`), and each half
@@ -404,28 +251,29 @@ mod avx512 {
             for b in 0..blocks {
                 let mut x = [[_mm512_setzero_ps(); 2]; R];
                 for (r, x) in x.iter_mut().enumerate() {
-                    let at = &xs[r * w.k + b * BLOCK..r * w.k + (b + 1) * BLOCK];
-                    // SAFETY: `at` holds 32 f32s; unaligned loads.
+                    // SAFETY: `xs` holds R rows of K values (the caller's
+                    // guarantee), so 32 values from `r · K + 32b` are in it.
                     *x = unsafe {
-                        [
-                            _mm512_loadu_ps(at.as_ptr()),
-                            _mm512_loadu_ps(at.as_ptr().add(16)),
-                        ]
+                        let at = xs.as_ptr().add(r * w.k + b * BLOCK);
+                        [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))]
                     };
                 }
                 for c in 0..width {
                     let i = (c0 + c) * blocks + b;
-                    let bytes = &w.q[i * (BLOCK / 2)..(i + 1) * (BLOCK / 2)];
-                    // SAFETY: `bytes` holds 16 bytes; unaligned load.
-                    let packed = unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) };
+                    // SAFETY: matrix row c0 + c < N (the caller's guarantee)
+                    // and b < K/32: block i exists in `q` (16 bytes), `scale`
+                    // and `minimum`, whose sizes `Q4Matrix::new` checked.
+                    let (packed, d, m) = unsafe {
+                        (
+                            _mm_loadu_si128(w.q.as_ptr().add(i * (BLOCK / 2)).cast()),
+                            *w.scale.get_unchecked(i),
+                            *w.minimum.get_unchecked(i),
+                        )
+                    };
                     let wide = _mm512_cvtepu8_epi32(packed);
                     let lo = _mm512_and_si512(wide, nibble);
                     let hi = _mm512_srli_epi32::<4>(wide);
-                    let table = _mm512_fmadd_ps(
-                        iota,
-                        _mm512_set1_ps(w.scale[i]),
-                        _mm512_set1_ps(w.minimum[i]),
-                    );
+                    let table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m));
                     let w_lo = _mm512_permutexvar_ps(lo, table);
                     let w_hi = _mm512_permutexvar_ps(hi, table);
                     for r in 0..R {
@@ -514,7 +362,7 @@ mod tests {
         for (k, n) in [(64, 67), (1536, 9)] {
             let (q, scale, minimum) = matrix(k, n, 7 + k as u64);
             let w = Q4Matrix::new(k, n, &q, &scale, &minimum).unwrap();
-            for tokens in [1, 2, 3, 4, 5, 9, UNPACK_FROM_ROWS, UNPACK_FROM_ROWS + 3] {
+            for tokens in [1, 2, 3, 4, 5, 9, 19] {
                 let x = activations(tokens, k);
                 let want = reference(&w, &x);
                 for vector in [true, false] {
@@ -536,7 +384,6 @@ mod tests {
         let (k, n) = (576, 40);
         let (q, scale, minimum) = matrix(k, n, 3);
         let w = Q4Matrix::new(k, n, &q, &scale, &minimum).unwrap();
-        // 7 rows take the direct path, 21 the unpacked one: the same bits either way.
         let x = activations(21, k);
         let batch = matmul(&w, &x);
         let fewer = matmul(&w, &x[..7 * k]);

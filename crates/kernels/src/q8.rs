@@ -168,26 +168,26 @@ mod avx512 {
             for b in 0..blocks {
                 let mut x = [[_mm512_setzero_ps(); 2]; R];
                 for (r, x) in x.iter_mut().enumerate() {
-                    let at = &xs[r * w.k + b * BLOCK..r * w.k + (b + 1) * BLOCK];
-                    // SAFETY: `at` holds 32 f32s; unaligned loads.
+                    // SAFETY: `xs` holds R rows of K values (the caller's guarantee).
                     *x = unsafe {
-                        [
-                            _mm512_loadu_ps(at.as_ptr()),
-                            _mm512_loadu_ps(at.as_ptr().add(16)),
-                        ]
+                        let at = xs.as_ptr().add(r * w.k + b * BLOCK);
+                        [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))]
                     };
                 }
                 for c in 0..width {
                     let row = c0 + c;
-                    let bytes = &w.q[row * w.k + b * BLOCK..row * w.k + (b + 1) * BLOCK];
-                    // SAFETY: `bytes` holds 32 bytes; two unaligned 16-byte loads.
-                    let (lo, hi) = unsafe {
+                    // SAFETY: matrix row `row` < N (the caller's guarantee) and
+                    // b < K/32: its block's 32 bytes and scale exist, as
+                    // `Q8Matrix::new` checked the sizes.
+                    let (lo, hi, d) = unsafe {
+                        let at = w.q.as_ptr().add(row * w.k + b * BLOCK);
                         (
-                            _mm_loadu_si128(bytes.as_ptr().cast()),
-                            _mm_loadu_si128(bytes.as_ptr().add(16).cast()),
+                            _mm_loadu_si128(at.cast()),
+                            _mm_loadu_si128(at.add(16).cast()),
+                            *w.scale.get_unchecked(row * blocks + b),
                         )
                     };
-                    let d = _mm512_set1_ps(w.scale[row * blocks + b]);
+                    let d = _mm512_set1_ps(d);
                     let w_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), d);
                     let w_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), d);
                     for r in 0..R {

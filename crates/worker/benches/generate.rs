@@ -13,6 +13,11 @@
 //!   call to its first token. A `kv_cache: shared` model is served twice: as
 //!   converted, and with `kv_cache: copy`.
 //!
+//! A variant whose `config.yaml` names a `cpu_graph` (the 4-bit one: lmgrid's
+//! own kernels) runs the raw loop over both graphs, and the worker serves it
+//! as converted (the CPU graph, cache in place), with the cache copied, and
+//! with `model.onnx` (`MatMulNBits`); the `graph` column says which ran.
+//!
 //! Worker rows also show the mean decode step and regathering time per step,
 //! from the worker's own histograms. Also printed: resident memory after
 //! loading each variant. The models come
