@@ -7,6 +7,7 @@ use ort::operator::{
 };
 use ort::value::TensorElementType;
 
+use crate::gemm;
 use crate::q4::{self, Q4Matrix};
 use crate::q8::{self, Q8Matrix};
 
@@ -22,8 +23,9 @@ pub(crate) struct MatMulQ4;
 pub(crate) struct MatMulQ4Kernel {
     k: usize,
     n: usize,
-    /// The activations reordered for the kernel, reused across calls.
+    /// The activations reordered for the kernels, reused across calls.
     split: Vec<f32>,
+    interleaved: Vec<f32>,
 }
 
 impl Operator for MatMulQ4 {
@@ -69,6 +71,7 @@ impl Operator for MatMulQ4 {
             k,
             n,
             split: Vec::new(),
+            interleaved: Vec::new(),
         })
     }
 }
@@ -104,14 +107,67 @@ impl Kernel for MatMulQ4Kernel {
             .map_err(|e| ort::Error::new(format!("MatMulQ4: {e}")))?;
         q4::split_blocks(x, k, &mut self.split);
         let xs = &self.split[..];
-        in_tiles(ctx, "MatMulQ4", tokens, n, |first, rows, out, columns| {
-            // SAFETY: `in_tiles` hands each task its own rectangle of the output.
-            #[allow(unsafe_code)]
-            unsafe {
-                q4::tile(&w, &xs[first * k..], rows, out, n, columns, true);
-            }
-        })
+        if tokens < gemm::FROM_ROWS {
+            return in_tiles(
+                ctx,
+                "MatMulQ4",
+                tokens,
+                n,
+                q4::ROWS,
+                COLUMNS_PER_TASK,
+                |first, rows, out, columns| {
+                    // SAFETY: `in_tiles` hands each task its own rectangle of the output.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        q4::tile(&w, &xs[first * k..], rows, out, n, columns, true);
+                    }
+                },
+            );
+        }
+        // Many rows: a task per tile of matrix rows, unpacked once for every row of `x`.
+        gemm::interleave(xs, k, &mut self.interleaved);
+        let interleaved = &self.interleaved[..];
+        in_tiles(
+            ctx,
+            "MatMulQ4",
+            tokens,
+            n,
+            tokens,
+            gemm::TILE,
+            |_, _, out, columns| {
+                if columns.len() < gemm::TILE {
+                    for first in (0..tokens).step_by(q4::ROWS) {
+                        let rows = (tokens - first).min(q4::ROWS);
+                        // SAFETY: rows of this task's rectangle, which is its alone.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            let out = out.wrapping_add(first * n);
+                            q4::tile(&w, &xs[first * k..], rows, out, n, columns.clone(), true);
+                        }
+                    }
+                    return;
+                }
+                UNPACKED.with_borrow_mut(|unpacked| {
+                    gemm::unpack_tile(&w, columns.start, unpacked);
+                    for first in (0..tokens).step_by(gemm::GROUP) {
+                        let rows = (tokens - first).min(gemm::GROUP);
+                        // SAFETY: rows of this task's rectangle, which is its alone.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            let out = out.wrapping_add(first * n + columns.start);
+                            let x = &interleaved[first * k..];
+                            gemm::tile(k, unpacked, x, rows, out, n, true);
+                        }
+                    }
+                });
+            },
+        )
     }
+}
+
+thread_local! {
+    /// The tile of f32 weights a thread of the pool unpacks a matrix into.
+    static UNPACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `MatMulQ8(x: f32 [T, K], q: i8 [N, K/32, 32], scale: f32 [N, K/32]) -> y:
@@ -160,13 +216,21 @@ impl Kernel for MatMulQ8Kernel {
         let (_, scale) = scale_value.try_extract_tensor::<f32>()?;
         let w =
             Q8Matrix::new(k, n, q, scale).map_err(|e| ort::Error::new(format!("MatMulQ8: {e}")))?;
-        in_tiles(ctx, "MatMulQ8", tokens, n, |first, rows, out, columns| {
-            // SAFETY: `in_tiles` hands each task its own rectangle of the output.
-            #[allow(unsafe_code)]
-            unsafe {
-                q8::tile(&w, &x[first * k..], rows, out, n, columns, true);
-            }
-        })
+        in_tiles(
+            ctx,
+            "MatMulQ8",
+            tokens,
+            n,
+            q4::ROWS,
+            COLUMNS_PER_TASK,
+            |first, rows, out, columns| {
+                // SAFETY: `in_tiles` hands each task its own rectangle of the output.
+                #[allow(unsafe_code)]
+                unsafe {
+                    q8::tile(&w, &x[first * k..], rows, out, n, columns, true);
+                }
+            },
+        )
     }
 }
 
@@ -211,13 +275,15 @@ fn tokens(op: &str, shape: &ort::value::Shape, k: usize) -> ort::Result<usize> {
 
 /// Allocates the `[tokens, N]` output and runs `task(first, rows, out,
 /// columns)` over the session's intra-op thread pool for every rectangle of
-/// at most [`q4::ROWS`] rows and [`COLUMNS_PER_TASK`] columns, `out`
+/// at most `rows_per_task` rows and `columns_per_task` columns, `out`
 /// pointing at row `first` of the output (row stride N).
 fn in_tiles(
     ctx: &ComputeContext,
     op: &str,
     tokens: usize,
     n: usize,
+    rows_per_task: usize,
+    columns_per_task: usize,
     task: impl Fn(usize, usize, *mut f32, std::ops::Range<usize>) + Sync + Send,
 ) -> ort::Result<()> {
     let mut y_value = ctx
@@ -228,7 +294,6 @@ fn in_tiles(
         return Ok(());
     }
     let out = Output(y.as_mut_ptr());
-    let (rows_per_task, columns_per_task) = (q4::ROWS, COLUMNS_PER_TASK);
     let column_tasks = n.div_ceil(columns_per_task);
     let row_groups = tokens.div_ceil(rows_per_task);
     ctx.par_for(row_groups * column_tasks, 0, move |i| {

@@ -17,6 +17,8 @@
 //! activations are first reordered per block into evens then odds
 //! ([`split_blocks`]).
 
+use crate::gemm;
+
 /// Weights per block.
 pub const BLOCK: usize = 32;
 
@@ -180,14 +182,37 @@ fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
     let mut xs = Vec::new();
     split_blocks(&x[..tokens * w.k], w.k, &mut xs);
     let mut y = vec![0f32; tokens * w.n];
+    // Many rows: whole tiles through the outer-product path, the rest per row group.
+    let tiled = if tokens >= gemm::FROM_ROWS {
+        w.n - w.n % gemm::TILE
+    } else {
+        0
+    };
+    let (mut unpacked, mut interleaved) = (Vec::new(), Vec::new());
+    if tiled > 0 {
+        gemm::interleave(&xs, w.k, &mut interleaved);
+    }
+    for first_column in (0..tiled).step_by(gemm::TILE) {
+        gemm::unpack_tile(w, first_column, &mut unpacked);
+        for first in (0..tokens).step_by(gemm::GROUP) {
+            let rows = (tokens - first).min(gemm::GROUP);
+            // SAFETY: `y` is `[tokens, N]`, owned here; rows `first..first +
+            // rows` and the tile's columns are in bounds.
+            #[allow(unsafe_code)]
+            unsafe {
+                let out = y.as_mut_ptr().add(first * w.n + first_column);
+                let x = &interleaved[first * w.k..];
+                gemm::tile(w.k, &unpacked, x, rows, out, w.n, vector);
+            }
+        }
+    }
     for first in (0..tokens).step_by(ROWS) {
         let rows = (tokens - first).min(ROWS);
-        // SAFETY: `y` is `[tokens, N]`, owned here; rows `first..first +
-        // rows` and columns `0..N` are in bounds.
+        // SAFETY: as above, for columns `tiled..N`.
         #[allow(unsafe_code)]
         unsafe {
             let out = y.as_mut_ptr().add(first * w.n);
-            tile(w, &xs[first * w.k..], rows, out, w.n, 0..w.n, vector);
+            tile(w, &xs[first * w.k..], rows, out, w.n, tiled..w.n, vector);
         }
     }
     y
@@ -358,11 +383,12 @@ mod tests {
 
     #[test]
     fn both_kernels_match_an_f64_product_for_every_row_count_and_ragged_columns() {
-        // N = 67: column tiles of 4 and 2 leave a ragged end; K = 1536 like ffn_down.
-        for (k, n) in [(64, 67), (1536, 9)] {
+        // N = 67: column tiles of 4 and 2 leave a ragged end, and 3 columns past the
+        // outer-product path's tiles of 32; K = 1536 like ffn_down.
+        for (k, n) in [(64, 67), (1536, 9), (576, 96)] {
             let (q, scale, minimum) = matrix(k, n, 7 + k as u64);
             let w = Q4Matrix::new(k, n, &q, &scale, &minimum).unwrap();
-            for tokens in [1, 2, 3, 4, 5, 9, 19] {
+            for tokens in [1, 2, 3, 4, 5, 9, 16, 23, 24, 33] {
                 let x = activations(tokens, k);
                 let want = reference(&w, &x);
                 for vector in [true, false] {
@@ -380,17 +406,30 @@ mod tests {
     }
 
     #[test]
-    fn a_row_gives_the_same_bits_alone_or_in_a_batch() {
-        let (k, n) = (576, 40);
+    fn a_row_gives_the_same_bits_in_any_batch_of_its_path() {
+        // N = 72: two whole tiles of 32 and 8 columns left to the per-row path.
+        let (k, n) = (576, 72);
         let (q, scale, minimum) = matrix(k, n, 3);
         let w = Q4Matrix::new(k, n, &q, &scale, &minimum).unwrap();
-        let x = activations(21, k);
-        let batch = matmul(&w, &x);
-        let fewer = matmul(&w, &x[..7 * k]);
-        assert_eq!(fewer[..], batch[..7 * n]);
-        for t in 0..21 {
+        let x = activations(29, k);
+        // Fewer than 16 rows: the per-row path, the same bits alone and in 7 or 15 rows.
+        let seven = matmul(&w, &x[..7 * k]);
+        let fifteen = matmul(&w, &x[..15 * k]);
+        assert_eq!(seven[..], fifteen[..7 * n]);
+        for t in 0..7 {
             let alone = matmul(&w, &x[t * k..(t + 1) * k]);
-            assert_eq!(alone[..], batch[t * n..(t + 1) * n], "row {t}");
+            assert_eq!(alone[..], seven[t * n..(t + 1) * n], "row {t}");
+        }
+        // From 24 rows on: the outer-product path, the same bits in 24, 25 or 29 rows, and
+        // within an f32 rounding or so of the per-row path.
+        assert_eq!(gemm::FROM_ROWS, 24);
+        let many = matmul(&w, &x[..24 * k]);
+        let more = matmul(&w, &x[..25 * k]);
+        let all = matmul(&w, &x);
+        assert_eq!(many[..], all[..24 * n]);
+        assert_eq!(more[..], all[..25 * n]);
+        for (a, b) in fifteen.iter().zip(&all) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
         }
     }
 
