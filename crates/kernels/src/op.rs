@@ -221,7 +221,7 @@ impl Kernel for MatMulQ8Kernel {
             "MatMulQ8",
             tokens,
             n,
-            q4::ROWS,
+            q8::ROWS,
             COLUMNS_PER_TASK,
             |first, rows, out, columns| {
                 // SAFETY: `in_tiles` hands each task its own rectangle of the output.

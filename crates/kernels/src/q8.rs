@@ -7,7 +7,12 @@
 //! the weights a converter that dequantizes the table stores, and sums in
 //! f32, like [`crate::q4`].
 
-use crate::q4::{BLOCK, ROWS};
+use crate::q4::BLOCK;
+
+/// Rows of `x` a kernel call covers at most: an LM head's K is small (576
+/// here), so 8 rows of it stay in L1 and the 8-bit table is read once per 8
+/// rows.
+pub const ROWS: usize = 8;
 
 /// An 8-bit matrix `[N, K]`, borrowed.
 #[derive(Debug, Clone, Copy)]
@@ -114,7 +119,11 @@ pub(crate) unsafe fn tile(
                 1 => avx512::tile::<4, 1>(w, x, out, stride, columns),
                 2 => avx512::tile::<4, 2>(w, x, out, stride, columns),
                 3 => avx512::tile::<2, 3>(w, x, out, stride, columns),
-                _ => avx512::tile::<2, 4>(w, x, out, stride, columns),
+                4 => avx512::tile::<2, 4>(w, x, out, stride, columns),
+                5 => avx512::tile::<1, 5>(w, x, out, stride, columns),
+                6 => avx512::tile::<1, 6>(w, x, out, stride, columns),
+                7 => avx512::tile::<1, 7>(w, x, out, stride, columns),
+                _ => avx512::tile::<1, 8>(w, x, out, stride, columns),
             }
         }
         return;
@@ -227,7 +236,7 @@ mod tests {
         for (k, n) in [(64, 67), (576, 11)] {
             let (q, scale) = matrix(k, n);
             let w = Q8Matrix::new(k, n, &q, &scale).unwrap();
-            for tokens in [1, 2, 3, 4, 6] {
+            for tokens in [1, 2, 3, 4, 6, 8, 11] {
                 let x: Vec<f32> = (0..tokens * k)
                     .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03)
                     .collect();
