@@ -12,6 +12,7 @@
 //! The worker registers the domain with every session; graphs that do not
 //! use it are unaffected. See `docs/models.md` for the graphs that do.
 
+mod dot;
 mod gemm;
 mod op;
 pub mod q4;

@@ -153,10 +153,10 @@ pub(crate) unsafe fn tile(
         // guarantees the memory conditions the kernel relies on.
         unsafe {
             match rows {
-                1 => avx512::tile::<4, 1>(w, xs, out, stride, columns),
-                2 => avx512::tile::<4, 2>(w, xs, out, stride, columns),
-                3 => avx512::tile::<2, 3>(w, xs, out, stride, columns),
-                _ => avx512::tile::<2, 4>(w, xs, out, stride, columns),
+                1 => crate::dot::avx512::tile::<_, 4, 1>(w, xs, out, stride, columns),
+                2 => crate::dot::avx512::tile::<_, 4, 2>(w, xs, out, stride, columns),
+                3 => crate::dot::avx512::tile::<_, 2, 3>(w, xs, out, stride, columns),
+                _ => crate::dot::avx512::tile::<_, 2, 4>(w, xs, out, stride, columns),
             }
         }
         return;
@@ -245,76 +245,41 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q4Matrix};
+    use crate::dot::avx512::Blocks;
 
-    /// `C` matrix rows at a time against `R` rows of `x`. Per block and
-    /// matrix row: the 16 bytes widen to 16 lanes, the low and high nibbles
-    /// index a 16-entry table `d · i + m` (`vpermps`), and each half
-    /// multiplies-adds into its own accumulator; the halves are summed at
-    /// the end.
-    ///
-    /// # Safety
-    /// AVX-512F must be available; the conditions of [`super::tile`] hold.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile<const C: usize, const R: usize>(
-        w: &Q4Matrix<'_>,
-        xs: &[f32],
-        out: *mut f32,
-        stride: usize,
-        columns: std::ops::Range<usize>,
-    ) {
-        let blocks = w.k / BLOCK;
-        let iota = _mm512_setr_ps(
-            0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
-        );
-        let nibble = _mm512_set1_epi32(0x0F);
-        let mut c0 = columns.start;
-        while c0 < columns.end {
-            // The last columns one at a time when fewer than C are left.
-            let width = if c0 + C <= columns.end { C } else { 1 };
-            let mut low = [[_mm512_setzero_ps(); R]; C];
-            let mut high = [[_mm512_setzero_ps(); R]; C];
-            for b in 0..blocks {
-                let mut x = [[_mm512_setzero_ps(); 2]; R];
-                for (r, x) in x.iter_mut().enumerate() {
-                    // SAFETY: `xs` holds R rows of K values (the caller's
-                    // guarantee), so 32 values from `r · K + 32b` are in it.
-                    *x = unsafe {
-                        let at = xs.as_ptr().add(r * w.k + b * BLOCK);
-                        [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))]
-                    };
-                }
-                for c in 0..width {
-                    let i = (c0 + c) * blocks + b;
-                    // SAFETY: matrix row c0 + c < N (the caller's guarantee)
-                    // and b < K/32: block i exists in `q` (16 bytes), `scale`
-                    // and `minimum`, whose sizes `Q4Matrix::new` checked.
-                    let (packed, d, m) = unsafe {
-                        (
-                            _mm_loadu_si128(w.q.as_ptr().add(i * (BLOCK / 2)).cast()),
-                            *w.scale.get_unchecked(i),
-                            *w.minimum.get_unchecked(i),
-                        )
-                    };
-                    let wide = _mm512_cvtepu8_epi32(packed);
-                    let lo = _mm512_and_si512(wide, nibble);
-                    let hi = _mm512_srli_epi32::<4>(wide);
-                    let table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m));
-                    let w_lo = _mm512_permutexvar_ps(lo, table);
-                    let w_hi = _mm512_permutexvar_ps(hi, table);
-                    for r in 0..R {
-                        low[c][r] = _mm512_fmadd_ps(w_lo, x[r][0], low[c][r]);
-                        high[c][r] = _mm512_fmadd_ps(w_hi, x[r][1], high[c][r]);
-                    }
-                }
-            }
-            for c in 0..width {
-                for r in 0..R {
-                    let sum = _mm512_reduce_add_ps(_mm512_add_ps(low[c][r], high[c][r]));
-                    // SAFETY: in bounds and unaliased, as the caller guarantees.
-                    unsafe { *out.add(r * stride + c0 + c) = sum };
-                }
-            }
-            c0 += width;
+    /// A block of a 4-bit matrix: its 16 bytes widened to 16 lanes, the low
+    /// and high nibbles indexing a 16-entry table `d · i + m` (`vpermps`):
+    /// the block's even elements, then its odd ones, as [`super::split_blocks`]
+    /// lays out `x`.
+    impl Blocks for Q4Matrix<'_> {
+        fn k(&self) -> usize {
+            self.k
+        }
+
+        #[target_feature(enable = "avx512f")]
+        unsafe fn unpack(&self, row: usize, b: usize) -> (__m512, __m512) {
+            let i = row * (self.k / BLOCK) + b;
+            // SAFETY: block i exists (row < N, b < K/32, the caller's
+            // guarantee) in `q` (16 bytes), `scale` and `minimum`, whose
+            // sizes `Q4Matrix::new` checked.
+            let (packed, d, m) = unsafe {
+                (
+                    _mm_loadu_si128(self.q.as_ptr().add(i * (BLOCK / 2)).cast()),
+                    *self.scale.get_unchecked(i),
+                    *self.minimum.get_unchecked(i),
+                )
+            };
+            let iota = _mm512_setr_ps(
+                0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+            );
+            let wide = _mm512_cvtepu8_epi32(packed);
+            let lo = _mm512_and_si512(wide, _mm512_set1_epi32(0x0F));
+            let hi = _mm512_srli_epi32::<4>(wide);
+            let table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m));
+            (
+                _mm512_permutexvar_ps(lo, table),
+                _mm512_permutexvar_ps(hi, table),
+            )
         }
     }
 }

@@ -116,14 +116,14 @@ pub(crate) unsafe fn tile(
         // guarantees the memory conditions the kernel relies on.
         unsafe {
             match rows {
-                1 => avx512::tile::<4, 1>(w, x, out, stride, columns),
-                2 => avx512::tile::<4, 2>(w, x, out, stride, columns),
-                3 => avx512::tile::<2, 3>(w, x, out, stride, columns),
-                4 => avx512::tile::<2, 4>(w, x, out, stride, columns),
-                5 => avx512::tile::<1, 5>(w, x, out, stride, columns),
-                6 => avx512::tile::<1, 6>(w, x, out, stride, columns),
-                7 => avx512::tile::<1, 7>(w, x, out, stride, columns),
-                _ => avx512::tile::<1, 8>(w, x, out, stride, columns),
+                1 => crate::dot::avx512::tile::<_, 4, 1>(w, x, out, stride, columns),
+                2 => crate::dot::avx512::tile::<_, 4, 2>(w, x, out, stride, columns),
+                3 => crate::dot::avx512::tile::<_, 2, 3>(w, x, out, stride, columns),
+                4 => crate::dot::avx512::tile::<_, 2, 4>(w, x, out, stride, columns),
+                5 => crate::dot::avx512::tile::<_, 1, 5>(w, x, out, stride, columns),
+                6 => crate::dot::avx512::tile::<_, 1, 6>(w, x, out, stride, columns),
+                7 => crate::dot::avx512::tile::<_, 1, 7>(w, x, out, stride, columns),
+                _ => crate::dot::avx512::tile::<_, 1, 8>(w, x, out, stride, columns),
             }
         }
         return;
@@ -152,67 +152,34 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q8Matrix};
+    use crate::dot::avx512::Blocks;
 
-    /// `C` matrix rows at a time against `R` rows of `x`: per block and
-    /// matrix row, each 16 bytes widen to 16 f32 lanes, are multiplied by
-    /// the block's scale (exact) and multiply-add into one of two
-    /// accumulators.
-    ///
-    /// # Safety
-    /// AVX-512F must be available; the conditions of [`super::tile`] hold.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile<const C: usize, const R: usize>(
-        w: &Q8Matrix<'_>,
-        xs: &[f32],
-        out: *mut f32,
-        stride: usize,
-        columns: std::ops::Range<usize>,
-    ) {
-        let blocks = w.k / BLOCK;
-        let mut c0 = columns.start;
-        while c0 < columns.end {
-            let width = if c0 + C <= columns.end { C } else { 1 };
-            let mut low = [[_mm512_setzero_ps(); R]; C];
-            let mut high = [[_mm512_setzero_ps(); R]; C];
-            for b in 0..blocks {
-                let mut x = [[_mm512_setzero_ps(); 2]; R];
-                for (r, x) in x.iter_mut().enumerate() {
-                    // SAFETY: `xs` holds R rows of K values (the caller's guarantee).
-                    *x = unsafe {
-                        let at = xs.as_ptr().add(r * w.k + b * BLOCK);
-                        [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))]
-                    };
-                }
-                for c in 0..width {
-                    let row = c0 + c;
-                    // SAFETY: matrix row `row` < N (the caller's guarantee) and
-                    // b < K/32: its block's 32 bytes and scale exist, as
-                    // `Q8Matrix::new` checked the sizes.
-                    let (lo, hi, d) = unsafe {
-                        let at = w.q.as_ptr().add(row * w.k + b * BLOCK);
-                        (
-                            _mm_loadu_si128(at.cast()),
-                            _mm_loadu_si128(at.add(16).cast()),
-                            *w.scale.get_unchecked(row * blocks + b),
-                        )
-                    };
-                    let d = _mm512_set1_ps(d);
-                    let w_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), d);
-                    let w_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), d);
-                    for r in 0..R {
-                        low[c][r] = _mm512_fmadd_ps(w_lo, x[r][0], low[c][r]);
-                        high[c][r] = _mm512_fmadd_ps(w_hi, x[r][1], high[c][r]);
-                    }
-                }
-            }
-            for c in 0..width {
-                for r in 0..R {
-                    let sum = _mm512_reduce_add_ps(_mm512_add_ps(low[c][r], high[c][r]));
-                    // SAFETY: in bounds and unaliased, as the caller guarantees.
-                    unsafe { *out.add(r * stride + c0 + c) = sum };
-                }
-            }
-            c0 += width;
+    /// A block of an 8-bit matrix: its 32 bytes widened to f32 lanes in two
+    /// halves and multiplied by the block's scale (exact).
+    impl Blocks for Q8Matrix<'_> {
+        fn k(&self) -> usize {
+            self.k
+        }
+
+        #[target_feature(enable = "avx512f")]
+        unsafe fn unpack(&self, row: usize, b: usize) -> (__m512, __m512) {
+            let blocks = self.k / BLOCK;
+            // SAFETY: matrix row `row` < N and b < K/32 (the caller's
+            // guarantee): its block's 32 bytes and scale exist, as
+            // `Q8Matrix::new` checked the sizes.
+            let (lo, hi, d) = unsafe {
+                let at = self.q.as_ptr().add(row * self.k + b * BLOCK);
+                (
+                    _mm_loadu_si128(at.cast()),
+                    _mm_loadu_si128(at.add(16).cast()),
+                    *self.scale.get_unchecked(row * blocks + b),
+                )
+            };
+            let d = _mm512_set1_ps(d);
+            (
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), d),
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), d),
+            )
         }
     }
 }

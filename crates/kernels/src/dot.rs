@@ -1,0 +1,80 @@
+//! The dot-product kernel both block formats share: `C` matrix rows at a
+//! time against `R` rows of `x`, each block of 32 weights unpacked once (by
+//! the format) into two 16-lane vectors and multiplied-added into one of two
+//! accumulators per output, which are summed at the end. The order of the
+//! sums does not depend on `C` or `R`, so a row gives the same bits in any
+//! batch.
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    use crate::q4::BLOCK;
+
+    /// A matrix `[N, K]` of blocks of 32 weights along K.
+    pub(crate) trait Blocks {
+        /// K, a multiple of 32.
+        fn k(&self) -> usize;
+
+        /// The weights of block `b` of matrix row `row`, as two vectors in
+        /// the order the activations of a block are laid out in (elements
+        /// 0..16 and 16..32 of the block as `x` holds it).
+        ///
+        /// # Safety
+        /// AVX-512F must be available; `row < N` and `b < K/32`.
+        unsafe fn unpack(&self, row: usize, b: usize) -> (__m512, __m512);
+    }
+
+    /// `out[r · stride + c] = Σ_k xs[r · K + k] · W[c, k]` for `R` rows of
+    /// `xs` and the matrix rows `columns`, `C` of them at a time (the last
+    /// ones one at a time).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `out` valid and unaliased at every
+    /// element written; `xs` holding R rows of K; `columns` within `0..N`.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn tile<W: Blocks, const C: usize, const R: usize>(
+        w: &W,
+        xs: &[f32],
+        out: *mut f32,
+        stride: usize,
+        columns: std::ops::Range<usize>,
+    ) {
+        let k = w.k();
+        let blocks = k / BLOCK;
+        let mut c0 = columns.start;
+        while c0 < columns.end {
+            let width = if c0 + C <= columns.end { C } else { 1 };
+            let mut low = [[_mm512_setzero_ps(); R]; C];
+            let mut high = [[_mm512_setzero_ps(); R]; C];
+            for b in 0..blocks {
+                let mut x = [[_mm512_setzero_ps(); 2]; R];
+                for (r, x) in x.iter_mut().enumerate() {
+                    // SAFETY: `xs` holds R rows of K values (the caller's
+                    // guarantee), so 32 values from `r · K + 32b` are in it.
+                    *x = unsafe {
+                        let at = xs.as_ptr().add(r * k + b * BLOCK);
+                        [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))]
+                    };
+                }
+                for c in 0..width {
+                    // SAFETY: matrix row c0 + c < N (the caller's guarantee), b < K/32.
+                    let (w_lo, w_hi) = unsafe { w.unpack(c0 + c, b) };
+                    for r in 0..R {
+                        low[c][r] = _mm512_fmadd_ps(w_lo, x[r][0], low[c][r]);
+                        high[c][r] = _mm512_fmadd_ps(w_hi, x[r][1], high[c][r]);
+                    }
+                }
+            }
+            for c in 0..width {
+                for r in 0..R {
+                    let sum = _mm512_reduce_add_ps(_mm512_add_ps(low[c][r], high[c][r]));
+                    // SAFETY: in bounds and unaliased, as the caller guarantees.
+                    unsafe { *out.add(r * stride + c0 + c) = sum };
+                }
+            }
+            c0 += width;
+        }
+    }
+}
