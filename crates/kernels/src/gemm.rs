@@ -47,7 +47,7 @@ pub(crate) fn unpack_tile(w: &Q4Matrix<'_>, first: usize, out: &mut Vec<f32>) {
     for c in 0..TILE {
         for b in 0..blocks {
             let i = (first + c) * blocks + b;
-            let (d, m) = (w.scale[i], w.minimum[i]);
+            let (d, m) = (w.scale[i].to_f32(), w.minimum[i].to_f32());
             let q = &w.q[i * (BLOCK / 2)..(i + 1) * (BLOCK / 2)];
             for (j, &byte) in q.iter().enumerate() {
                 block[j] = f32::from(byte & 0x0F).mul_add(d, m);
@@ -139,6 +139,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::TILE;
+    use crate::q4::avx512::broadcast_f16;
     use crate::q4::{BLOCK, Q4Matrix};
 
     /// Transposes 16 vectors of 16 (`rows[i]` element `j` → `out[j]`
@@ -199,11 +200,11 @@ mod avx512 {
                     let (packed, d, m) = unsafe {
                         (
                             _mm_loadu_si128(w.q.as_ptr().add(i * (BLOCK / 2)).cast()),
-                            *w.scale.get_unchecked(i),
-                            *w.minimum.get_unchecked(i),
+                            w.scale.get_unchecked(i).to_bits(),
+                            w.minimum.get_unchecked(i).to_bits(),
                         )
                     };
-                    let table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m));
+                    let table = _mm512_fmadd_ps(iota, broadcast_f16(d), broadcast_f16(m));
                     let wide = _mm512_cvtepu8_epi32(packed);
                     low[c] = _mm512_permutexvar_ps(_mm512_and_si512(wide, nibble), table);
                     high[c] = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(wide), table);

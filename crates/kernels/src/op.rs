@@ -14,8 +14,8 @@ use crate::q8::{self, Q8Matrix};
 /// Matrix columns one task of the thread pool computes.
 const COLUMNS_PER_TASK: usize = 64;
 
-/// `MatMulQ4(x: f32 [T, K], q: u8 [N, K/32, 16], scale: f32 [N, K/32],
-/// minimum: f32 [N, K/32]) -> y: f32 [T, N]`, attributes `K` and `N`.
+/// `MatMulQ4(x: f32 [T, K], q: u8 [N, K/32, 16], scale: f16 [N, K/32],
+/// minimum: f16 [N, K/32]) -> y: f32 [T, N]`, attributes `K` and `N`.
 #[derive(Debug)]
 pub(crate) struct MatMulQ4;
 
@@ -39,8 +39,8 @@ impl Operator for MatMulQ4 {
         [
             OperatorInput::required(TensorElementType::Float32),
             OperatorInput::required(TensorElementType::Uint8),
-            OperatorInput::required(TensorElementType::Float32),
-            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(TensorElementType::Float16),
+            OperatorInput::required(TensorElementType::Float16),
         ]
     }
 
@@ -101,8 +101,8 @@ impl Kernel for MatMulQ4Kernel {
         let (shape, x) = x_value.try_extract_tensor::<f32>()?;
         let tokens = tokens("MatMulQ4", shape, k)?;
         let (_, q) = q_value.try_extract_tensor::<u8>()?;
-        let (_, scale) = scale_value.try_extract_tensor::<f32>()?;
-        let (_, minimum) = minimum_value.try_extract_tensor::<f32>()?;
+        let (_, scale) = scale_value.try_extract_tensor::<half::f16>()?;
+        let (_, minimum) = minimum_value.try_extract_tensor::<half::f16>()?;
         let w = Q4Matrix::new(k, n, q, scale, minimum)
             .map_err(|e| ort::Error::new(format!("MatMulQ4: {e}")))?;
         q4::split_blocks(x, k, &mut self.split);

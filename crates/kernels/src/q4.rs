@@ -1,7 +1,7 @@
-//! `y = x · Wᵀ` for a matrix `W [N, K]` stored as 4-bit blocks (GGUF's Q4_1
-//! arithmetic): each block of 32 weights along K has a scale `d` and a
-//! minimum `m`, and weight `i` of the block is `d · qᵢ + m` for a nibble
-//! `qᵢ` in 0..15.
+//! `y = x · Wᵀ` for a matrix `W [N, K]` stored as 4-bit blocks (GGUF's Q4_1):
+//! each block of 32 weights along K has an fp16 scale `d` and an fp16
+//! minimum `m`, as the GGUF stores them, and weight `i` of the block is
+//! `d · qᵢ + m` for a nibble `qᵢ` in 0..15.
 //!
 //! Each weight is dequantized as `fl(d · q + m)`, one rounding (a fused
 //! multiply-add), which is exactly the fp32 value a converter that
@@ -16,6 +16,8 @@
 //! block's 16 low nibbles and 16 high nibbles as two vectors, so the
 //! activations are first reordered per block into evens then odds
 //! ([`split_blocks`]).
+
+use half::f16;
 
 use crate::gemm;
 
@@ -32,9 +34,9 @@ pub struct Q4Matrix<'a> {
     /// `[N, K/32, 16]` packed nibbles.
     pub q: &'a [u8],
     /// `[N, K/32]` block scales.
-    pub scale: &'a [f32],
+    pub scale: &'a [f16],
     /// `[N, K/32]` block minimums.
-    pub minimum: &'a [f32],
+    pub minimum: &'a [f16],
 }
 
 impl<'a> Q4Matrix<'a> {
@@ -43,8 +45,8 @@ impl<'a> Q4Matrix<'a> {
         k: usize,
         n: usize,
         q: &'a [u8],
-        scale: &'a [f32],
-        minimum: &'a [f32],
+        scale: &'a [f16],
+        minimum: &'a [f16],
     ) -> Result<Self, String> {
         if k == 0 || !k.is_multiple_of(BLOCK) {
             return Err(format!(
@@ -91,7 +93,7 @@ impl<'a> Q4Matrix<'a> {
         } else {
             byte >> 4
         };
-        f32::from(nibble).mul_add(self.scale[block], self.minimum[block])
+        f32::from(nibble).mul_add(self.scale[block].to_f32(), self.minimum[block].to_f32())
     }
 }
 
@@ -224,7 +226,7 @@ fn portable_dot(w: &Q4Matrix<'_>, x: &[f32], c: usize) -> f32 {
     let mut lanes = [0f32; BLOCK];
     for b in 0..blocks {
         let i = c * blocks + b;
-        let (d, m) = (w.scale[i], w.minimum[i]);
+        let (d, m) = (w.scale[i].to_f32(), w.minimum[i].to_f32());
         let q = &w.q[i * (BLOCK / 2)..(i + 1) * (BLOCK / 2)];
         let x = &x[b * BLOCK..(b + 1) * BLOCK];
         for j in 0..BLOCK / 2 {
@@ -241,11 +243,17 @@ fn portable_dot(w: &Q4Matrix<'_>, x: &[f32], c: usize) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q4Matrix};
     use crate::dot::avx512::Blocks;
+
+    /// The fp16 value with bits `bits` in all 16 lanes.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn broadcast_f16(bits: u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_set1_epi16(bits as i16))
+    }
 
     /// A block of a 4-bit matrix: its 16 bytes widened to 16 lanes, the low
     /// and high nibbles indexing a 16-entry table `d · i + m` (`vpermps`):
@@ -265,8 +273,8 @@ mod avx512 {
             let (packed, d, m) = unsafe {
                 (
                     _mm_loadu_si128(self.q.as_ptr().add(i * (BLOCK / 2)).cast()),
-                    *self.scale.get_unchecked(i),
-                    *self.minimum.get_unchecked(i),
+                    self.scale.get_unchecked(i).to_bits(),
+                    self.minimum.get_unchecked(i).to_bits(),
                 )
             };
             let iota = _mm512_setr_ps(
@@ -275,7 +283,7 @@ mod avx512 {
             let wide = _mm512_cvtepu8_epi32(packed);
             let lo = _mm512_and_si512(wide, _mm512_set1_epi32(0x0F));
             let hi = _mm512_srli_epi32::<4>(wide);
-            let table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m));
+            let table = _mm512_fmadd_ps(iota, broadcast_f16(d), broadcast_f16(m));
             (
                 _mm512_permutexvar_ps(lo, table),
                 _mm512_permutexvar_ps(hi, table),
@@ -290,7 +298,7 @@ mod tests {
 
     /// A matrix of pseudo-random nibbles, scales and minimums like a
     /// model's (scales ~1e-2, minimums negative).
-    fn matrix(k: usize, n: usize, seed: u64) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+    fn matrix(k: usize, n: usize, seed: u64) -> (Vec<u8>, Vec<f16>, Vec<f16>) {
         let mut s = seed;
         let mut next = move || {
             s ^= s << 13;
@@ -300,11 +308,17 @@ mod tests {
         };
         let blocks = n * k / BLOCK;
         let q = (0..blocks * 16).map(|_| next() as u8).collect();
-        let scale = (0..blocks).map(|_| (next() % 1000) as f32 * 2e-5).collect();
+        let scale = (0..blocks)
+            .map(|_| f16::from_f32((next() % 1000) as f32 * 2e-5))
+            .collect();
         let minimum = (0..blocks)
-            .map(|_| -((next() % 1000) as f32) * 1.6e-4)
+            .map(|_| f16::from_f32(-((next() % 1000) as f32) * 1.6e-4))
             .collect();
         (q, scale, minimum)
+    }
+
+    fn h(values: &[f32]) -> Vec<f16> {
+        values.iter().map(|&v| f16::from_f32(v)).collect()
     }
 
     fn activations(tokens: usize, k: usize) -> Vec<f32> {
@@ -334,7 +348,8 @@ mod tests {
         let mut q = vec![0u8; 16];
         q[0] = 0x21;
         q[15] = 0xF0;
-        let w = Q4Matrix::new(32, 1, &q, &[0.5], &[-1.0]).unwrap();
+        let (scale, minimum) = (h(&[0.5]), h(&[-1.0]));
+        let w = Q4Matrix::new(32, 1, &q, &scale, &minimum).unwrap();
         assert_eq!(w.weight(0, 0), -0.5);
         assert_eq!(w.weight(0, 1), 0.0);
         assert_eq!(w.weight(0, 30), -1.0);
@@ -401,11 +416,11 @@ mod tests {
     #[test]
     fn wrong_sizes_are_named() {
         let q = vec![0u8; 16];
-        let err = Q4Matrix::new(48, 1, &q, &[1.0], &[0.0]).unwrap_err();
+        let err = Q4Matrix::new(48, 1, &q, &h(&[1.0]), &h(&[0.0])).unwrap_err();
         assert!(err.contains("multiple of 32"), "{err}");
-        let err = Q4Matrix::new(32, 2, &q, &[1.0, 1.0], &[0.0, 0.0]).unwrap_err();
+        let err = Q4Matrix::new(32, 2, &q, &h(&[1.0, 1.0]), &h(&[0.0, 0.0])).unwrap_err();
         assert!(err.contains("packed weights hold 16 bytes"), "{err}");
-        let err = Q4Matrix::new(32, 1, &q, &[1.0, 2.0], &[0.0]).unwrap_err();
+        let err = Q4Matrix::new(32, 1, &q, &h(&[1.0, 2.0]), &h(&[0.0])).unwrap_err();
         assert!(err.contains("scale holds 2 values"), "{err}");
     }
 }

@@ -426,8 +426,8 @@ def quantized_matmul(g, x, weights, name, block_sums, cpu=False):
     """x [T, K] @ W^T for a Q4_1 matrix W [N, K], exactly: MatMulNBits over (q - 8) * scale
     (4 bits, blocks of 32, ONNX Runtime's default zero point 8, the fast path) plus each
     block's (minimum + 8 * scale) times the block's sum of x, added by one small Gemm. With
-    `cpu`, one lmgrid MatMulQ4 over the same nibbles, scales and the minimums themselves: it
-    dequantizes each weight as scale * q + minimum (one rounding) and sums in fp32."""
+    `cpu`, one lmgrid MatMulQ4 over the same nibbles with the GGUF's fp16 scales and minimums:
+    it dequantizes each weight as scale * q + minimum (one rounding) and sums in fp32."""
     n, blocks, _ = weights.q.shape
     k = blocks * BLOCK
     packed = weights.q[:, :, 0::2] | (weights.q[:, :, 1::2] << 4)  # [N, K/32, 16]
@@ -441,8 +441,9 @@ def quantized_matmul(g, x, weights, name, block_sums, cpu=False):
                 [
                     x,
                     g.const(name + ".q4", packed),
-                    g.const(name + ".scale", scale),  # [N, K/32]
-                    g.const(name + ".minimum", weights.minimum.astype(np.float32)),
+                    # The GGUF's own fp16 scales and minimums, [N, K/32].
+                    g.const(name + ".scale", weights.scale.astype(np.float16)),
+                    g.const(name + ".minimum", weights.minimum.astype(np.float16)),
                 ],
                 [out],
                 name=f"MatMulQ4_{g.count}",

@@ -348,6 +348,7 @@ def check_cpu_graph(version_dir, layers, check):
         same &= numpy_helper.to_array(cpu_init[q_name]).tobytes() == (
             numpy_helper.to_array(main_init[q_name]).tobytes()
         )
+        # fp16 in the CPU graph; model.onnx holds the same values as fp32.
         scale = numpy_helper.to_array(cpu_init[scale_name]).astype(np.float64)
         same &= np.array_equal(
             scale.reshape(-1), numpy_helper.to_array(main_init[base + ".scale"])
