@@ -135,29 +135,11 @@ impl Kernel for MatMulQ4Kernel {
             tokens,
             gemm::TILE,
             |_, _, out, columns| {
-                if columns.len() < gemm::TILE {
-                    for first in (0..tokens).step_by(q4::ROWS) {
-                        let rows = (tokens - first).min(q4::ROWS);
-                        // SAFETY: rows of this task's rectangle, which is its alone.
-                        #[allow(unsafe_code)]
-                        unsafe {
-                            let out = out.wrapping_add(first * n);
-                            q4::tile(&w, &xs[first * k..], rows, out, n, columns.clone(), true);
-                        }
-                    }
-                    return;
-                }
                 UNPACKED.with_borrow_mut(|unpacked| {
-                    gemm::unpack_tile(&w, columns.start, unpacked);
-                    for first in (0..tokens).step_by(gemm::GROUP) {
-                        let rows = (tokens - first).min(gemm::GROUP);
-                        // SAFETY: rows of this task's rectangle, which is its alone.
-                        #[allow(unsafe_code)]
-                        unsafe {
-                            let out = out.wrapping_add(first * n + columns.start);
-                            let x = &interleaved[first * k..];
-                            gemm::tile(k, unpacked, x, rows, out, n, true);
-                        }
+                    // SAFETY: `in_tiles` hands this task every row of `columns` alone.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        q4::all_rows(&w, xs, interleaved, tokens, out, columns, unpacked, true);
                     }
                 });
             },

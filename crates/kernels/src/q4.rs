@@ -184,40 +184,94 @@ fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
     let mut xs = Vec::new();
     split_blocks(&x[..tokens * w.k], w.k, &mut xs);
     let mut y = vec![0f32; tokens * w.n];
-    // Many rows: whole tiles through the outer-product path, the rest per row group.
-    let tiled = if tokens >= gemm::FROM_ROWS {
-        w.n - w.n % gemm::TILE
-    } else {
-        0
-    };
-    let (mut unpacked, mut interleaved) = (Vec::new(), Vec::new());
-    if tiled > 0 {
+    let (mut interleaved, mut unpacked) = (Vec::new(), Vec::new());
+    let step = if tokens >= gemm::FROM_ROWS {
         gemm::interleave(&xs, w.k, &mut interleaved);
-    }
-    for first_column in (0..tiled).step_by(gemm::TILE) {
-        gemm::unpack_tile(w, first_column, &mut unpacked);
-        for first in (0..tokens).step_by(gemm::GROUP) {
-            let rows = (tokens - first).min(gemm::GROUP);
-            // SAFETY: `y` is `[tokens, N]`, owned here; rows `first..first +
-            // rows` and the tile's columns are in bounds.
-            #[allow(unsafe_code)]
-            unsafe {
-                let out = y.as_mut_ptr().add(first * w.n + first_column);
-                let x = &interleaved[first * w.k..];
-                gemm::tile(w.k, &unpacked, x, rows, out, w.n, vector);
-            }
-        }
-    }
-    for first in (0..tokens).step_by(ROWS) {
-        let rows = (tokens - first).min(ROWS);
-        // SAFETY: as above, for columns `tiled..N`.
+        gemm::TILE
+    } else {
+        w.n
+    };
+    for start in (0..w.n).step_by(step) {
+        let columns = start..(start + step).min(w.n);
+        // SAFETY: `y` is `[tokens, N]`, owned here, and `columns` lie within 0..N.
         #[allow(unsafe_code)]
         unsafe {
-            let out = y.as_mut_ptr().add(first * w.n);
-            tile(w, &xs[first * w.k..], rows, out, w.n, tiled..w.n, vector);
+            all_rows(
+                w,
+                &xs,
+                &interleaved,
+                tokens,
+                y.as_mut_ptr(),
+                columns,
+                &mut unpacked,
+                vector,
+            );
         }
     }
     y
+}
+
+/// Every row of `x` against the matrix rows `columns`: through the
+/// outer-product path ([`gemm`]) when there are [`gemm::FROM_ROWS`] rows or
+/// more and `columns` is one whole tile of it, else per group of [`ROWS`]
+/// rows. `xs` is `x` [`split_blocks`]; `interleaved` is `xs` as
+/// [`gemm::interleave`] leaves it (read by the outer-product path only);
+/// `unpacked` is a buffer for the tile; `out` points at row 0 of the
+/// `[tokens, N]` output.
+///
+/// # Safety
+/// `out` must be valid for writes, and unaliased during the call, at rows
+/// `0..tokens` and `columns` (row stride N); `columns` must lie within
+/// `0..N`; `xs` (and `interleaved` for the outer-product path) must hold
+/// `tokens × K` values.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+pub(crate) unsafe fn all_rows(
+    w: &Q4Matrix<'_>,
+    xs: &[f32],
+    interleaved: &[f32],
+    tokens: usize,
+    out: *mut f32,
+    columns: std::ops::Range<usize>,
+    unpacked: &mut Vec<f32>,
+    vector: bool,
+) {
+    if tokens >= gemm::FROM_ROWS && columns.len() == gemm::TILE {
+        gemm::unpack_tile(w, columns.start, unpacked);
+        for first in (0..tokens).step_by(gemm::GROUP) {
+            let rows = (tokens - first).min(gemm::GROUP);
+            // SAFETY: rows `first..first + rows` and the tile's columns, as
+            // the caller guarantees.
+            unsafe {
+                let at = out.add(first * w.n + columns.start);
+                gemm::tile(
+                    w.k,
+                    unpacked,
+                    &interleaved[first * w.k..],
+                    rows,
+                    at,
+                    w.n,
+                    vector,
+                );
+            }
+        }
+        return;
+    }
+    for first in (0..tokens).step_by(ROWS) {
+        let rows = (tokens - first).min(ROWS);
+        // SAFETY: as above, for `columns` of rows `first..first + rows`.
+        unsafe {
+            let at = out.add(first * w.n);
+            tile(
+                w,
+                &xs[first * w.k..],
+                rows,
+                at,
+                w.n,
+                columns.clone(),
+                vector,
+            );
+        }
+    }
 }
 
 /// One output of the portable kernel: row `c` of `W` against one split row.
