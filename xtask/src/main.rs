@@ -31,6 +31,9 @@ commands:
             variants, through the worker and in a raw ONNX Runtime decode loop
   bench embed
             MiniLM sentences/s at batch 1 and 32, through the worker and raw
+  bench kernels
+            lmgrid's 4-bit and 8-bit CPU kernels over SmolLM2's matrix shapes at 1-16
+            rows, against reading the same bytes from memory
   bench gateway
             what the gateway adds: p50/p99 latency and throughput of a tiny model
             called directly and through the gateway at concurrency 1 and 64
@@ -63,6 +66,7 @@ enum Bench {
     Worker,
     Generate,
     Embed,
+    Kernels,
     Gateway,
 }
 
@@ -73,6 +77,7 @@ impl Bench {
             Bench::Worker => ("lmgrid-worker", "worker"),
             Bench::Generate => ("lmgrid-worker", "generate"),
             Bench::Embed => ("lmgrid-worker", "embed"),
+            Bench::Kernels => ("lmgrid-kernels", "kernels"),
             Bench::Gateway => ("lmgrid-integration-tests", "gateway"),
         }
     }
@@ -104,6 +109,7 @@ fn parse(args: &[String]) -> anyhow::Result<Task> {
             Some("worker") => Task::Bench(Bench::Worker),
             Some("generate") => Task::Bench(Bench::Generate),
             Some("embed") => Task::Bench(Bench::Embed),
+            Some("kernels") => Task::Bench(Bench::Kernels),
             Some("gateway") => Task::Bench(Bench::Gateway),
             Some(other) => bail!("unknown benchmark `{other}`\n\n{USAGE}"),
             None => bail!("which benchmark? e.g. `cargo xtask bench worker`\n\n{USAGE}"),
