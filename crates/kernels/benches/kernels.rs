@@ -76,10 +76,7 @@ impl Stored {
                 q,
                 scale,
                 minimum,
-            } => q4::matmul(
-                &Q4Matrix::new(*k, *n, q, scale, minimum).expect("sizes"),
-                x,
-            ),
+            } => q4::matmul(&Q4Matrix::new(*k, *n, q, scale, minimum).expect("sizes"), x),
             Stored::Q8 { k, n, q, scale } => {
                 q8::matmul(&Q8Matrix::new(*k, *n, q, scale).expect("sizes"), x)
             }

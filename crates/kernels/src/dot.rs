@@ -12,18 +12,48 @@ pub(crate) mod avx512 {
 
     use crate::q4::BLOCK;
 
+    /// Blocks whose constants [`Blocks::constants`] prepares at a time.
+    pub(crate) const CHUNK: usize = 16;
+
     /// A matrix `[N, K]` of blocks of 32 weights along K.
     pub(crate) trait Blocks {
         /// K, a multiple of 32.
         fn k(&self) -> usize;
 
-        /// The weights of block `b` of matrix row `row`, as two vectors in
-        /// the order the activations of a block are laid out in (elements
-        /// 0..16 and 16..32 of the block as `x` holds it).
+        /// The per-block constants of blocks `b..b + count` (`count` ≤
+        /// [`CHUNK`]) of matrix row `row` as f32s, in whatever layout
+        /// [`Blocks::unpack`] reads them back in: where the matrix stores
+        /// them so, a pointer into it, else converted into `scratch`. Done
+        /// once per chunk, so that unpacking a block broadcasts them from
+        /// memory instead of converting them.
         ///
         /// # Safety
-        /// AVX-512F must be available; `row < N` and `b < K/32`.
-        unsafe fn unpack(&self, row: usize, b: usize) -> (__m512, __m512);
+        /// AVX-512F/BW/VL must be available; `row < N` and `b + count ≤
+        /// K/32`.
+        unsafe fn constants(
+            &self,
+            row: usize,
+            b: usize,
+            count: usize,
+            scratch: &mut [f32; 2 * CHUNK],
+        ) -> *const f32;
+
+        /// The weights of block `b` of matrix row `row`, as two vectors in
+        /// the order the activations of a block are laid out in (elements
+        /// 0..16 and 16..32 of the block as `x` holds it); `constants` is
+        /// what [`Blocks::constants`] returned for the chunk holding the
+        /// block, `j` the block's index in it.
+        ///
+        /// # Safety
+        /// AVX-512F must be available; `row < N`, `b < K/32`, `j` less than
+        /// the chunk's `count` and `constants` still valid.
+        unsafe fn unpack(
+            &self,
+            row: usize,
+            b: usize,
+            constants: *const f32,
+            j: usize,
+        ) -> (__m512, __m512);
     }
 
     /// `out[r · stride + c] = Σ_k xs[r · K + k] · W[c, k]` for `R` rows of
@@ -31,9 +61,9 @@ pub(crate) mod avx512 {
     /// ones one at a time).
     ///
     /// # Safety
-    /// AVX-512F must be available; `out` valid and unaliased at every
+    /// AVX-512F/BW/VL must be available; `out` valid and unaliased at every
     /// element written; `xs` holding R rows of K; `columns` within `0..N`.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(crate) unsafe fn tile<W: Blocks, const C: usize, const R: usize>(
         w: &W,
         xs: &[f32],
@@ -48,22 +78,34 @@ pub(crate) mod avx512 {
             let width = if c0 + C <= columns.end { C } else { 1 };
             let mut low = [[_mm512_setzero_ps(); R]; C];
             let mut high = [[_mm512_setzero_ps(); R]; C];
-            for b in 0..blocks {
-                let mut x = [[_mm512_setzero_ps(); 2]; R];
-                for (r, x) in x.iter_mut().enumerate() {
-                    // SAFETY: `xs` holds R rows of K values (the caller's
-                    // guarantee), so 32 values from `r · K + 32b` are in it.
-                    *x = unsafe {
-                        let at = xs.as_ptr().add(r * k + b * BLOCK);
-                        [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))]
-                    };
-                }
+            let mut scratch = [[0f32; 2 * CHUNK]; C];
+            let mut constants = [std::ptr::null::<f32>(); C];
+            for chunk in (0..blocks).step_by(CHUNK) {
+                let count = (blocks - chunk).min(CHUNK);
                 for c in 0..width {
-                    // SAFETY: matrix row c0 + c < N (the caller's guarantee), b < K/32.
-                    let (w_lo, w_hi) = unsafe { w.unpack(c0 + c, b) };
-                    for r in 0..R {
-                        low[c][r] = _mm512_fmadd_ps(w_lo, x[r][0], low[c][r]);
-                        high[c][r] = _mm512_fmadd_ps(w_hi, x[r][1], high[c][r]);
+                    // SAFETY: matrix row c0 + c < N (the caller's guarantee);
+                    // chunk + count ≤ K/32.
+                    constants[c] = unsafe { w.constants(c0 + c, chunk, count, &mut scratch[c]) };
+                }
+                for j in 0..count {
+                    let b = chunk + j;
+                    let mut x = [[_mm512_setzero_ps(); 2]; R];
+                    for (r, x) in x.iter_mut().enumerate() {
+                        // SAFETY: `xs` holds R rows of K values (the caller's
+                        // guarantee), so 32 values from `r · K + 32b` are in it.
+                        *x = unsafe {
+                            let at = xs.as_ptr().add(r * k + b * BLOCK);
+                            [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))]
+                        };
+                    }
+                    for c in 0..width {
+                        // SAFETY: matrix row c0 + c < N (the caller's
+                        // guarantee), b < K/32, j < count.
+                        let (w_lo, w_hi) = unsafe { w.unpack(c0 + c, b, constants[c], j) };
+                        for r in 0..R {
+                            low[c][r] = _mm512_fmadd_ps(w_lo, x[r][0], low[c][r]);
+                            high[c][r] = _mm512_fmadd_ps(w_hi, x[r][1], high[c][r]);
+                        }
                     }
                 }
             }

@@ -139,8 +139,13 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::TILE;
-    use crate::q4::avx512::broadcast_f16;
     use crate::q4::{BLOCK, Q4Matrix};
+
+    /// The fp16 value with bits `bits` in all 16 lanes.
+    #[target_feature(enable = "avx512f")]
+    fn broadcast_f16(bits: u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_set1_epi16(bits as i16))
+    }
 
     /// Transposes 16 vectors of 16 (`rows[i]` element `j` → `out[j]`
     /// element `i`): 4×4 blocks within 128-bit lanes, then the lanes.

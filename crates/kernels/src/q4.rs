@@ -109,13 +109,15 @@ pub fn split_blocks(x: &[f32], k: usize, out: &mut Vec<f32>) {
     debug_assert_eq!(out.len() % k, 0);
 }
 
-/// Whether this CPU runs the vector kernel (AVX-512F); otherwise the
+/// Whether this CPU runs the vector kernel (AVX-512F, BW and VL); otherwise the
 /// portable one runs, which is exact too but several times slower than
 /// ONNX Runtime's own 4-bit kernels.
 pub fn accelerated() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -151,7 +153,7 @@ pub(crate) unsafe fn tile(
     debug_assert!(rows <= ROWS && xs.len() >= rows * w.k && columns.end <= w.n);
     #[cfg(target_arch = "x86_64")]
     if vector && accelerated() {
-        // SAFETY: the CPU has AVX-512F (checked above); the caller
+        // SAFETY: the CPU has AVX-512F/BW/VL (checked above); the caller
         // guarantees the memory conditions the kernel relies on.
         unsafe {
             match rows {
@@ -301,46 +303,74 @@ pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q4Matrix};
-    use crate::dot::avx512::Blocks;
-
-    /// The fp16 value with bits `bits` in all 16 lanes.
-    #[target_feature(enable = "avx512f")]
-    pub(crate) fn broadcast_f16(bits: u16) -> __m512 {
-        _mm512_cvtph_ps(_mm256_set1_epi16(bits as i16))
-    }
+    use crate::dot::avx512::{Blocks, CHUNK};
 
     /// A block of a 4-bit matrix: its 16 bytes widened to 16 lanes, the low
-    /// and high nibbles indexing a 16-entry table `d · i + m` (`vpermps`):
-    /// the block's even elements, then its odd ones, as [`super::split_blocks`]
-    /// lays out `x`.
+    /// and high nibbles indexing a 16-entry table `d · i + m` (`vpermps`,
+    /// which reads only the low 4 bits of each index): the block's even
+    /// elements, then its odd ones, as [`super::split_blocks`] lays out `x`.
+    /// A chunk's constants are its scales then its minimums, in f32.
     impl Blocks for Q4Matrix<'_> {
         fn k(&self) -> usize {
             self.k
         }
 
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn constants(
+            &self,
+            row: usize,
+            b: usize,
+            count: usize,
+            scratch: &mut [f32; 2 * CHUNK],
+        ) -> *const f32 {
+            let i = row * (self.k / BLOCK) + b;
+            let mask = if count >= CHUNK {
+                u16::MAX
+            } else {
+                (1u16 << count) - 1
+            };
+            let (d, m) = scratch.split_at_mut(CHUNK);
+            // SAFETY: blocks i..i + count exist (row < N, b + count ≤ K/32,
+            // the caller's guarantee) in `scale` and `minimum`, whose sizes
+            // `Q4Matrix::new` checked; the masked loads read only those;
+            // `d` and `m` hold 16 f32s each.
+            unsafe {
+                let scale = _mm256_maskz_loadu_epi16(mask, self.scale.as_ptr().add(i).cast());
+                let minimum = _mm256_maskz_loadu_epi16(mask, self.minimum.as_ptr().add(i).cast());
+                _mm512_storeu_ps(d.as_mut_ptr(), _mm512_cvtph_ps(scale));
+                _mm512_storeu_ps(m.as_mut_ptr(), _mm512_cvtph_ps(minimum));
+            }
+            scratch.as_ptr()
+        }
+
         #[target_feature(enable = "avx512f")]
-        unsafe fn unpack(&self, row: usize, b: usize) -> (__m512, __m512) {
+        unsafe fn unpack(
+            &self,
+            row: usize,
+            b: usize,
+            constants: *const f32,
+            j: usize,
+        ) -> (__m512, __m512) {
             let i = row * (self.k / BLOCK) + b;
             // SAFETY: block i exists (row < N, b < K/32, the caller's
-            // guarantee) in `q` (16 bytes), `scale` and `minimum`, whose
-            // sizes `Q4Matrix::new` checked.
+            // guarantee) in `q` (16 bytes), whose size `Q4Matrix::new`
+            // checked; `constants` is the scratch of 2 × 16 values that
+            // `constants` filled, and j < CHUNK.
             let (packed, d, m) = unsafe {
                 (
                     _mm_loadu_si128(self.q.as_ptr().add(i * (BLOCK / 2)).cast()),
-                    self.scale.get_unchecked(i).to_bits(),
-                    self.minimum.get_unchecked(i).to_bits(),
+                    *constants.add(j),
+                    *constants.add(CHUNK + j),
                 )
             };
             let iota = _mm512_setr_ps(
                 0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
             );
             let wide = _mm512_cvtepu8_epi32(packed);
-            let lo = _mm512_and_si512(wide, _mm512_set1_epi32(0x0F));
-            let hi = _mm512_srli_epi32::<4>(wide);
-            let table = _mm512_fmadd_ps(iota, broadcast_f16(d), broadcast_f16(m));
+            let table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m));
             (
-                _mm512_permutexvar_ps(lo, table),
-                _mm512_permutexvar_ps(hi, table),
+                _mm512_permutexvar_ps(wide, table),
+                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(wide), table),
             )
         }
     }

@@ -112,7 +112,7 @@ pub(crate) unsafe fn tile(
     debug_assert!(rows <= ROWS && x.len() >= rows * w.k && columns.end <= w.n);
     #[cfg(target_arch = "x86_64")]
     if vector && crate::q4::accelerated() {
-        // SAFETY: the CPU has AVX-512F (checked above); the caller
+        // SAFETY: the CPU has AVX-512F/BW/VL (checked above); the caller
         // guarantees the memory conditions the kernel relies on.
         unsafe {
             match rows {
@@ -152,7 +152,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q8Matrix};
-    use crate::dot::avx512::Blocks;
+    use crate::dot::avx512::{Blocks, CHUNK};
 
     /// A block of an 8-bit matrix: its 32 bytes widened to f32 lanes in two
     /// halves and multiplied by the block's scale (exact).
@@ -162,17 +162,35 @@ mod avx512 {
         }
 
         #[target_feature(enable = "avx512f")]
-        unsafe fn unpack(&self, row: usize, b: usize) -> (__m512, __m512) {
-            let blocks = self.k / BLOCK;
+        unsafe fn constants(
+            &self,
+            row: usize,
+            b: usize,
+            _count: usize,
+            _scratch: &mut [f32; 2 * CHUNK],
+        ) -> *const f32 {
+            // SAFETY: block row · K/32 + b exists (the caller's guarantee).
+            unsafe { self.scale.as_ptr().add(row * (self.k / BLOCK) + b) }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        unsafe fn unpack(
+            &self,
+            row: usize,
+            b: usize,
+            constants: *const f32,
+            j: usize,
+        ) -> (__m512, __m512) {
             // SAFETY: matrix row `row` < N and b < K/32 (the caller's
-            // guarantee): its block's 32 bytes and scale exist, as
-            // `Q8Matrix::new` checked the sizes.
+            // guarantee): its block's 32 bytes exist, as `Q8Matrix::new`
+            // checked the sizes; `constants` points at the chunk's scales
+            // in the matrix, and j < its count.
             let (lo, hi, d) = unsafe {
                 let at = self.q.as_ptr().add(row * self.k + b * BLOCK);
                 (
                     _mm_loadu_si128(at.cast()),
                     _mm_loadu_si128(at.add(16).cast()),
-                    *self.scale.get_unchecked(row * blocks + b),
+                    *constants.add(j),
                 )
             };
             let d = _mm512_set1_ps(d);
