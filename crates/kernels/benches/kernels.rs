@@ -150,12 +150,8 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2.0);
     println!(
-        "lmgrid kernels: AVX-512 {}; {LAYERS} layers of SmolLM2-135M's matrices (4-bit) and its LM head (8-bit)",
-        if q4::accelerated() {
-            "on"
-        } else {
-            "off (portable kernels)"
-        }
+        "lmgrid kernels: {:?} path; {LAYERS} layers of SmolLM2-135M's matrices (4-bit) and its LM head (8-bit)",
+        lmgrid_kernels::Isa::best()
     );
     let mut rng = Rng(0x5eed);
     let mut layers = Vec::new();

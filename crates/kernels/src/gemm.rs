@@ -11,6 +11,7 @@
 //! batch. The weights are the same `fl(d · q + m)` as the per-row path
 //! ([`crate::q4::tile`]); only the summation order differs from it.
 
+use crate::Isa;
 use crate::q4::{BLOCK, Q4Matrix};
 
 /// Rows of `x` from which a call takes this path: prompts. Decode steps
@@ -28,20 +29,24 @@ pub(crate) const GROUP: usize = 8;
 /// Unpacks matrix rows `first..first + TILE` into `out` (`K × TILE` f32):
 /// `out[p · TILE + c]` is the weight of matrix row `first + c` at position
 /// `p` of the kernels' order along K (per block: its 16 even elements, then
-/// its 16 odd ones).
-pub(crate) fn unpack_tile(w: &Q4Matrix<'_>, first: usize, out: &mut Vec<f32>) {
-    debug_assert!(first + TILE <= w.n);
+/// its 16 odd ones), on the path `isa`.
+///
+/// # Safety
+/// `isa` must be available on this CPU.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn unpack_tile(w: &Q4Matrix<'_>, first: usize, out: &mut Vec<f32>, isa: Isa) {
+    debug_assert!(first + TILE <= w.n && isa.available());
     let blocks = w.k / BLOCK;
     out.clear();
     out.resize(w.k * TILE, 0.0);
     #[cfg(target_arch = "x86_64")]
-    if crate::q4::accelerated() {
-        // SAFETY: the CPU has AVX-512F (checked above); `out` holds K × TILE.
-        #[allow(unsafe_code)]
-        unsafe {
-            avx512::unpack_tile(w, first, out);
-        }
-        return;
+    match isa {
+        // SAFETY: the CPU has the instruction set (the caller's guarantee);
+        // `out` holds K × TILE; matrix rows first..first + TILE exist.
+        Isa::Avx512 => unsafe { return avx512::unpack_tile(w, first, out) },
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { return avx2::unpack_tile(w, first, out) },
+        Isa::Portable => {}
     }
     let mut block = [0f32; BLOCK];
     for c in 0..TILE {
@@ -85,9 +90,10 @@ pub(crate) fn interleave(xs: &[f32], k: usize, out: &mut Vec<f32>) {
 /// (starting at the group) and the tile's [`TILE`] outputs.
 ///
 /// # Safety
-/// `out` must be valid for writes at `r · stride + c` for every `r < rows`
-/// and `c < TILE`, unaliased during the call; `xs` must hold the group's
-/// `rows · K` interleaved values and `unpacked` `K × TILE`.
+/// `isa` must be available; `out` must be valid for writes at `r · stride +
+/// c` for every `r < rows` and `c < TILE`, unaliased during the call; `xs`
+/// must hold the group's `rows · K` interleaved values and `unpacked` `K ×
+/// TILE`.
 #[allow(unsafe_code)]
 pub(crate) unsafe fn tile(
     k: usize,
@@ -96,12 +102,19 @@ pub(crate) unsafe fn tile(
     rows: usize,
     out: *mut f32,
     stride: usize,
-    vector: bool,
+    isa: Isa,
 ) {
     debug_assert!(rows <= GROUP && xs.len() >= rows * k && unpacked.len() >= k * TILE);
     #[cfg(target_arch = "x86_64")]
-    if vector && crate::q4::accelerated() {
-        // SAFETY: the CPU has AVX-512F (checked above); the caller
+    if isa == Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (the caller's guarantee), who
+        // also guarantees the memory conditions.
+        unsafe { avx2::tile(k, unpacked, xs, rows, out, stride) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512F (the caller's guarantee), who also
         // guarantees the memory conditions.
         unsafe {
             match rows {
@@ -263,6 +276,93 @@ mod avx512 {
             unsafe {
                 _mm512_storeu_ps(out.add(r * stride), acc[0]);
                 _mm512_storeu_ps(out.add(r * stride + 16), acc[1]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::TILE;
+    use crate::q4::{BLOCK, Q4Matrix};
+
+    /// The AVX2 form of [`super::unpack_tile`]: each block's 32 weights as
+    /// [`crate::q4::avx2::block`] computes them, stored down the tile's
+    /// column.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `out` holds K × TILE values and
+    /// matrix rows `first..first + TILE` exist.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn unpack_tile(w: &Q4Matrix<'_>, first: usize, out: &mut [f32]) {
+        let blocks = w.k / BLOCK;
+        let mut weights = [0f32; BLOCK];
+        for c in 0..TILE {
+            for b in 0..blocks {
+                let i = (first + c) * blocks + b;
+                // SAFETY: block i exists: matrix row first + c < N and b <
+                // K/32; `weights` holds 32 values.
+                unsafe {
+                    let v = crate::q4::avx2::block(
+                        w.q.as_ptr().add(i * (BLOCK / 2)),
+                        w.scale.get_unchecked(i).to_f32(),
+                        w.minimum.get_unchecked(i).to_f32(),
+                    );
+                    for (part, v) in v.into_iter().enumerate() {
+                        _mm256_storeu_ps(weights.as_mut_ptr().add(8 * part), v);
+                    }
+                }
+                for (p, &weight) in weights.iter().enumerate() {
+                    out[(b * BLOCK + p) * TILE + c] = weight;
+                }
+            }
+        }
+    }
+
+    /// The rows of one group against one tile, two rows at a time (4 × 2
+    /// accumulators): per position along K the tile's four weight vectors
+    /// are loaded and each row's activation broadcast into them. Each output
+    /// is summed along K in the order the AVX-512 path sums it.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; the conditions of [`super::tile`]
+    /// hold.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(
+        k: usize,
+        unpacked: &[f32],
+        xs: &[f32],
+        rows: usize,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        let (w, x) = (unpacked.as_ptr(), xs.as_ptr());
+        for r0 in (0..rows).step_by(2) {
+            let pair = (rows - r0).min(2);
+            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+            for p in 0..k {
+                // SAFETY: p < K, and `unpacked` holds K × TILE values, `xs`
+                // the group's `rows` interleaved rows of K (the caller's
+                // guarantee).
+                unsafe {
+                    let weights = [0, 8, 16, 24].map(|c| _mm256_loadu_ps(w.add(p * TILE + c)));
+                    for (r, acc) in acc.iter_mut().enumerate().take(pair) {
+                        let xb = _mm256_set1_ps(*x.add(p * rows + r0 + r));
+                        for (a, &wv) in acc.iter_mut().zip(&weights) {
+                            *a = _mm256_fmadd_ps(wv, xb, *a);
+                        }
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate().take(pair) {
+                for (part, &a) in acc.iter().enumerate() {
+                    // SAFETY: row r0 + r < rows and columns 0..32 of the
+                    // tile, valid and unaliased as the caller guarantees.
+                    unsafe { _mm256_storeu_ps(out.add((r0 + r) * stride + 8 * part), a) };
+                }
             }
         }
     }

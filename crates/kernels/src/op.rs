@@ -7,9 +7,9 @@ use ort::operator::{
 };
 use ort::value::TensorElementType;
 
-use crate::gemm;
 use crate::q4::{self, Q4Matrix};
 use crate::q8::{self, Q8Matrix};
+use crate::{Isa, gemm};
 
 /// Matrix columns one task of the thread pool computes.
 const COLUMNS_PER_TASK: usize = 64;
@@ -105,6 +105,7 @@ impl Kernel for MatMulQ4Kernel {
         let (_, minimum) = minimum_value.try_extract_tensor::<half::f16>()?;
         let w = Q4Matrix::new(k, n, q, scale, minimum)
             .map_err(|e| ort::Error::new(format!("MatMulQ4: {e}")))?;
+        let isa = Isa::best();
         q4::split_blocks(x, k, &mut self.split);
         let xs = &self.split[..];
         if tokens < gemm::FROM_ROWS {
@@ -116,10 +117,11 @@ impl Kernel for MatMulQ4Kernel {
                 q4::ROWS,
                 COLUMNS_PER_TASK,
                 |first, rows, out, columns| {
-                    // SAFETY: `in_tiles` hands each task its own rectangle of the output.
+                    // SAFETY: `in_tiles` hands each task its own rectangle of the output;
+                    // `isa` is this CPU's.
                     #[allow(unsafe_code)]
                     unsafe {
-                        q4::tile(&w, &xs[first * k..], rows, out, n, columns, true);
+                        q4::tile(&w, &xs[first * k..], rows, out, n, columns, isa);
                     }
                 },
             );
@@ -136,10 +138,11 @@ impl Kernel for MatMulQ4Kernel {
             gemm::TILE,
             |_, _, out, columns| {
                 UNPACKED.with_borrow_mut(|unpacked| {
-                    // SAFETY: `in_tiles` hands this task every row of `columns` alone.
+                    // SAFETY: `in_tiles` hands this task every row of `columns` alone;
+                    // `isa` is this CPU's.
                     #[allow(unsafe_code)]
                     unsafe {
-                        q4::all_rows(&w, xs, interleaved, tokens, out, columns, unpacked, true);
+                        q4::all_rows(&w, xs, interleaved, tokens, out, columns, unpacked, isa);
                     }
                 });
             },
@@ -198,6 +201,7 @@ impl Kernel for MatMulQ8Kernel {
         let (_, scale) = scale_value.try_extract_tensor::<f32>()?;
         let w =
             Q8Matrix::new(k, n, q, scale).map_err(|e| ort::Error::new(format!("MatMulQ8: {e}")))?;
+        let isa = Isa::best();
         in_tiles(
             ctx,
             "MatMulQ8",
@@ -206,10 +210,11 @@ impl Kernel for MatMulQ8Kernel {
             q8::ROWS,
             COLUMNS_PER_TASK,
             |first, rows, out, columns| {
-                // SAFETY: `in_tiles` hands each task its own rectangle of the output.
+                // SAFETY: `in_tiles` hands each task its own rectangle of the output;
+                // `isa` is this CPU's.
                 #[allow(unsafe_code)]
                 unsafe {
-                    q8::tile(&w, &x[first * k..], rows, out, n, columns, true);
+                    q8::tile(&w, &x[first * k..], rows, out, n, columns, isa);
                 }
             },
         )

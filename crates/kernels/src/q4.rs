@@ -19,7 +19,7 @@
 
 use half::f16;
 
-use crate::gemm;
+use crate::{Isa, gemm};
 
 /// Weights per block.
 pub const BLOCK: usize = 32;
@@ -109,20 +109,11 @@ pub fn split_blocks(x: &[f32], k: usize, out: &mut Vec<f32>) {
     debug_assert_eq!(out.len() % k, 0);
 }
 
-/// Whether this CPU runs the vector kernel (AVX-512F, BW and VL); otherwise the
-/// portable one runs, which is exact too but several times slower than
+/// Whether this CPU runs a vector kernel (AVX-512 or AVX2, [`Isa`]);
+/// otherwise the portable one runs, which is exact too but far slower than
 /// ONNX Runtime's own 4-bit kernels.
 pub fn accelerated() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Isa::best() != Isa::Portable
 }
 
 /// Output rows a kernel call covers at most: the weights a call unpacks are
@@ -132,14 +123,13 @@ pub const ROWS: usize = 4;
 
 /// Computes `out[r · stride + c] = Σ_k xs[r · K + k] · W[c, k]` for the
 /// `rows` (≤ [`ROWS`]) rows of `xs` (already [`split_blocks`]) and the
-/// matrix rows `columns`, with the vector kernel when `vector` and the CPU
-/// has it.
+/// matrix rows `columns`, on the path `isa`.
 ///
 /// # Safety
-/// `out` must be valid for writes at `r · stride + c` for every `r <
-/// rows` and `c` in `columns`, and nothing else may access those elements
-/// during the call; `xs` must hold `rows · K` values; `columns` must lie
-/// within `0..N`.
+/// `isa` must be available on this CPU; `out` must be valid for writes at
+/// `r · stride + c` for every `r < rows` and `c` in `columns`, and nothing
+/// else may access those elements during the call; `xs` must hold `rows ·
+/// K` values; `columns` must lie within `0..N`.
 #[allow(unsafe_code)]
 pub(crate) unsafe fn tile(
     w: &Q4Matrix<'_>,
@@ -148,22 +138,36 @@ pub(crate) unsafe fn tile(
     out: *mut f32,
     stride: usize,
     columns: std::ops::Range<usize>,
-    vector: bool,
+    isa: Isa,
 ) {
     debug_assert!(rows <= ROWS && xs.len() >= rows * w.k && columns.end <= w.n);
+    debug_assert!(isa.available());
     #[cfg(target_arch = "x86_64")]
-    if vector && accelerated() {
-        // SAFETY: the CPU has AVX-512F/BW/VL (checked above); the caller
-        // guarantees the memory conditions the kernel relies on.
-        unsafe {
+    match isa {
+        // SAFETY: the CPU has the instruction set (the caller's guarantee);
+        // the caller guarantees the memory conditions the kernel relies on.
+        Isa::Avx512 => unsafe {
+            use crate::dot::avx512::tile;
             match rows {
-                1 => crate::dot::avx512::tile::<_, 4, 1>(w, xs, out, stride, columns),
-                2 => crate::dot::avx512::tile::<_, 4, 2>(w, xs, out, stride, columns),
-                3 => crate::dot::avx512::tile::<_, 2, 3>(w, xs, out, stride, columns),
-                _ => crate::dot::avx512::tile::<_, 2, 4>(w, xs, out, stride, columns),
+                1 => tile::<_, 4, 1>(w, xs, out, stride, columns),
+                2 => tile::<_, 4, 2>(w, xs, out, stride, columns),
+                3 => tile::<_, 2, 3>(w, xs, out, stride, columns),
+                _ => tile::<_, 2, 4>(w, xs, out, stride, columns),
             }
-        }
-        return;
+            return;
+        },
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe {
+            use crate::dot::avx2::tile;
+            match rows {
+                1 => tile::<_, 4, 1>(w, xs, out, stride, columns),
+                2 => tile::<_, 2, 2>(w, xs, out, stride, columns),
+                3 => tile::<_, 1, 3>(w, xs, out, stride, columns),
+                _ => tile::<_, 1, 4>(w, xs, out, stride, columns),
+            }
+            return;
+        },
+        Isa::Portable => {}
     }
     for r in 0..rows {
         let x = &xs[r * w.k..(r + 1) * w.k];
@@ -178,10 +182,10 @@ pub(crate) unsafe fn tile(
 /// `x [T, K] · Wᵀ` on the calling thread: the operator's arithmetic without
 /// ONNX Runtime (tests and benchmarks compare against it).
 pub fn matmul(w: &Q4Matrix<'_>, x: &[f32]) -> Vec<f32> {
-    matmul_with(w, x, true)
+    matmul_with(w, x, Isa::best())
 }
 
-fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
+fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
     let tokens = x.len() / w.k;
     let mut xs = Vec::new();
     split_blocks(&x[..tokens * w.k], w.k, &mut xs);
@@ -195,7 +199,8 @@ fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
     };
     for start in (0..w.n).step_by(step) {
         let columns = start..(start + step).min(w.n);
-        // SAFETY: `y` is `[tokens, N]`, owned here, and `columns` lie within 0..N.
+        // SAFETY: `y` is `[tokens, N]`, owned here, and `columns` lie within
+        // 0..N; `isa` is available (`best`, or the tests' `all_available`).
         #[allow(unsafe_code)]
         unsafe {
             all_rows(
@@ -206,7 +211,7 @@ fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
                 y.as_mut_ptr(),
                 columns,
                 &mut unpacked,
-                vector,
+                isa,
             );
         }
     }
@@ -222,7 +227,7 @@ fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
 /// `[tokens, N]` output.
 ///
 /// # Safety
-/// `out` must be valid for writes, and unaliased during the call, at rows
+/// `isa` must be available; `out` must be valid for writes, and unaliased during the call, at rows
 /// `0..tokens` and `columns` (row stride N); `columns` must lie within
 /// `0..N`; `xs` (and `interleaved` for the outer-product path) must hold
 /// `tokens × K` values.
@@ -235,10 +240,12 @@ pub(crate) unsafe fn all_rows(
     out: *mut f32,
     columns: std::ops::Range<usize>,
     unpacked: &mut Vec<f32>,
-    vector: bool,
+    isa: Isa,
 ) {
     if tokens >= gemm::FROM_ROWS && columns.len() == gemm::TILE {
-        gemm::unpack_tile(w, columns.start, unpacked);
+        // SAFETY: `isa` is available (the caller's guarantee); the tile's
+        // matrix rows exist as `columns` lies within 0..N.
+        unsafe { gemm::unpack_tile(w, columns.start, unpacked, isa) };
         for first in (0..tokens).step_by(gemm::GROUP) {
             let rows = (tokens - first).min(gemm::GROUP);
             // SAFETY: rows `first..first + rows` and the tile's columns, as
@@ -252,7 +259,7 @@ pub(crate) unsafe fn all_rows(
                     rows,
                     at,
                     w.n,
-                    vector,
+                    isa,
                 );
             }
         }
@@ -263,15 +270,7 @@ pub(crate) unsafe fn all_rows(
         // SAFETY: as above, for `columns` of rows `first..first + rows`.
         unsafe {
             let at = out.add(first * w.n);
-            tile(
-                w,
-                &xs[first * w.k..],
-                rows,
-                at,
-                w.n,
-                columns.clone(),
-                vector,
-            );
+            tile(w, &xs[first * w.k..], rows, at, w.n, columns.clone(), isa);
         }
     }
 }
@@ -303,7 +302,8 @@ pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q4Matrix};
-    use crate::dot::avx512::{Blocks, CHUNK};
+    use crate::dot::CHUNK;
+    use crate::dot::avx512::Blocks;
 
     /// A block of a 4-bit matrix: its 16 bytes widened to 16 lanes, the low
     /// and high nibbles indexing a 16-entry table `d · i + m` (`vpermps`,
@@ -376,6 +376,98 @@ pub(crate) mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, Q4Matrix};
+    use crate::dot::CHUNK;
+    use crate::dot::avx2::Blocks;
+
+    /// The 32 weights `fl(d · q + m)` of the block of 16 bytes at `packed`,
+    /// in the order [`super::split_blocks`] lays `x` out in: the low nibbles
+    /// of bytes 0..8 and 8..16 (the block's even elements), then their high
+    /// nibbles (its odd ones). One multiply-add per weight, the same
+    /// rounding as the AVX-512 kernel's table.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `packed` must point at 16 bytes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn block(packed: *const u8, d: f32, m: f32) -> [__m256; 4] {
+        // SAFETY: 16 bytes at `packed` (the caller's guarantee).
+        let bytes = unsafe { _mm_loadu_si128(packed.cast()) };
+        let first = _mm256_cvtepu8_epi32(bytes);
+        let second = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(bytes));
+        let nibble = _mm256_set1_epi32(0x0F);
+        let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
+        let weights = |q: __m256i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, m);
+        [
+            weights(_mm256_and_si256(first, nibble)),
+            weights(_mm256_and_si256(second, nibble)),
+            weights(_mm256_srli_epi32::<4>(first)),
+            weights(_mm256_srli_epi32::<4>(second)),
+        ]
+    }
+
+    /// A chunk's constants are its scales then its minimums, in f32.
+    impl Blocks for Q4Matrix<'_> {
+        fn k(&self) -> usize {
+            self.k
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn constants(
+            &self,
+            row: usize,
+            b: usize,
+            count: usize,
+            scratch: &mut [f32; 2 * CHUNK],
+        ) -> *const f32 {
+            let i = row * (self.k / BLOCK) + b;
+            let (d, m) = scratch.split_at_mut(CHUNK);
+            for (from, to) in [(self.scale, d), (self.minimum, m)] {
+                // Blocks i..i + count exist (row < N, b + count ≤ K/32, the
+                // caller's guarantee); a short chunk is padded with zeros.
+                let mut bits = [0u16; CHUNK];
+                for (bit, value) in bits.iter_mut().zip(&from[i..i + count]) {
+                    *bit = value.to_bits();
+                }
+                // SAFETY: `bits` holds 16 fp16 values and `to` 16 f32s.
+                unsafe {
+                    let low = _mm_loadu_si128(bits.as_ptr().cast());
+                    let high = _mm_loadu_si128(bits.as_ptr().add(8).cast());
+                    _mm256_storeu_ps(to.as_mut_ptr(), _mm256_cvtph_ps(low));
+                    _mm256_storeu_ps(to.as_mut_ptr().add(8), _mm256_cvtph_ps(high));
+                }
+            }
+            scratch.as_ptr()
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn unpack(
+            &self,
+            row: usize,
+            b: usize,
+            constants: *const f32,
+            j: usize,
+        ) -> [__m256; 4] {
+            let i = row * (self.k / BLOCK) + b;
+            // SAFETY: block i exists (row < N, b < K/32, the caller's
+            // guarantee) in `q` (16 bytes), whose size `Q4Matrix::new`
+            // checked; `constants` is the scratch of 2 × 16 values that
+            // `constants` filled, and j < CHUNK.
+            unsafe {
+                block(
+                    self.q.as_ptr().add(i * (BLOCK / 2)),
+                    *constants.add(j),
+                    *constants.add(CHUNK + j),
+                )
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,7 +534,9 @@ mod tests {
         x[1] = 1.0;
         x[31] = 2.0;
         assert_eq!(matmul(&w, &x), vec![13.0]);
-        assert_eq!(matmul_with(&w, &x, false), vec![13.0]);
+        for isa in Isa::all_available() {
+            assert_eq!(matmul_with(&w, &x, isa), vec![13.0], "{isa:?}");
+        }
     }
 
     #[test]
@@ -455,13 +549,13 @@ mod tests {
             for tokens in [1, 2, 3, 4, 5, 9, 16, 23, 24, 33] {
                 let x = activations(tokens, k);
                 let want = reference(&w, &x);
-                for vector in [true, false] {
-                    let got = matmul_with(&w, &x, vector);
+                for isa in Isa::all_available() {
+                    let got = matmul_with(&w, &x, isa);
                     for (i, (g, r)) in got.iter().zip(&want).enumerate() {
                         let err = (f64::from(*g) - r).abs();
                         assert!(
                             err <= 1e-5 * (1.0 + r.abs()),
-                            "k {k} n {n} tokens {tokens} vector {vector} output {i}: {g} vs {r}"
+                            "k {k} n {n} tokens {tokens} {isa:?} output {i}: {g} vs {r}"
                         );
                     }
                 }
@@ -476,24 +570,30 @@ mod tests {
         let (q, scale, minimum) = matrix(k, n, 3);
         let w = Q4Matrix::new(k, n, &q, &scale, &minimum).unwrap();
         let x = activations(29, k);
-        // Fewer than 16 rows: the per-row path, the same bits alone and in 7 or 15 rows.
-        let seven = matmul(&w, &x[..7 * k]);
-        let fifteen = matmul(&w, &x[..15 * k]);
-        assert_eq!(seven[..], fifteen[..7 * n]);
-        for t in 0..7 {
-            let alone = matmul(&w, &x[t * k..(t + 1) * k]);
-            assert_eq!(alone[..], seven[t * n..(t + 1) * n], "row {t}");
-        }
-        // From 24 rows on: the outer-product path, the same bits in 24, 25 or 29 rows, and
-        // within an f32 rounding or so of the per-row path.
         assert_eq!(gemm::FROM_ROWS, 24);
-        let many = matmul(&w, &x[..24 * k]);
-        let more = matmul(&w, &x[..25 * k]);
-        let all = matmul(&w, &x);
-        assert_eq!(many[..], all[..24 * n]);
-        assert_eq!(more[..], all[..25 * n]);
-        for (a, b) in fifteen.iter().zip(&all) {
-            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+        for isa in Isa::all_available() {
+            let matmul = |x: &[f32]| matmul_with(&w, x, isa);
+            // Fewer than 16 rows: the per-row path, the same bits alone and in 7 or 15 rows.
+            let seven = matmul(&x[..7 * k]);
+            let fifteen = matmul(&x[..15 * k]);
+            assert_eq!(seven[..], fifteen[..7 * n], "{isa:?}");
+            for t in 0..7 {
+                let alone = matmul(&x[t * k..(t + 1) * k]);
+                assert_eq!(alone[..], seven[t * n..(t + 1) * n], "{isa:?} row {t}");
+            }
+            // From 24 rows on: the outer-product path, the same bits in 24, 25 or 29 rows,
+            // and within an f32 rounding or so of the per-row path.
+            let many = matmul(&x[..24 * k]);
+            let more = matmul(&x[..25 * k]);
+            let all = matmul(&x);
+            assert_eq!(many[..], all[..24 * n], "{isa:?}");
+            assert_eq!(more[..], all[..25 * n], "{isa:?}");
+            for (a, b) in fifteen.iter().zip(&all) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                    "{isa:?}: {a} vs {b}"
+                );
+            }
         }
     }
 

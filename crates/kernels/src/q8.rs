@@ -7,6 +7,7 @@
 //! the weights a converter that dequantizes the table stores, and sums in
 //! f32, like [`crate::q4`].
 
+use crate::Isa;
 use crate::q4::BLOCK;
 
 /// Rows of `x` a kernel call covers at most: an LM head's K is small (576
@@ -66,16 +67,16 @@ impl<'a> Q8Matrix<'a> {
 
 /// `x [T, K] · Wᵀ` on the calling thread (tests and benchmarks).
 pub fn matmul(w: &Q8Matrix<'_>, x: &[f32]) -> Vec<f32> {
-    matmul_with(w, x, true)
+    matmul_with(w, x, Isa::best())
 }
 
-fn matmul_with(w: &Q8Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
+fn matmul_with(w: &Q8Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
     let tokens = x.len() / w.k;
     let mut y = vec![0f32; tokens * w.n];
     for first in (0..tokens).step_by(ROWS) {
         let rows = (tokens - first).min(ROWS);
         // SAFETY: `y` is `[tokens, N]`, owned here; rows `first..first +
-        // rows` and columns `0..N` are in bounds.
+        // rows` and columns `0..N` are in bounds; `isa` is available.
         #[allow(unsafe_code)]
         unsafe {
             tile(
@@ -85,7 +86,7 @@ fn matmul_with(w: &Q8Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
                 y.as_mut_ptr().add(first * w.n),
                 w.n,
                 0..w.n,
-                vector,
+                isa,
             );
         }
     }
@@ -93,12 +94,13 @@ fn matmul_with(w: &Q8Matrix<'_>, x: &[f32], vector: bool) -> Vec<f32> {
 }
 
 /// Computes `out[r · stride + c] = Σ_k x[r · K + k] · W[c, k]` for `rows`
-/// (≤ [`ROWS`]) rows of `x` and the matrix rows `columns`, with the vector
-/// kernel when `vector` and the CPU has it.
+/// (≤ [`ROWS`]) rows of `x` and the matrix rows `columns`, on the path
+/// `isa`.
 ///
 /// # Safety
-/// As [`crate::q4::tile`]: `out` valid and unaliased at every `r · stride
-/// + c` written, `x` holding `rows · K` values, `columns` within `0..N`.
+/// As [`crate::q4::tile`]: `isa` available, `out` valid and unaliased at
+/// every `r · stride + c` written, `x` holding `rows · K` values, `columns`
+/// within `0..N`.
 #[allow(unsafe_code)]
 pub(crate) unsafe fn tile(
     w: &Q8Matrix<'_>,
@@ -107,26 +109,51 @@ pub(crate) unsafe fn tile(
     out: *mut f32,
     stride: usize,
     columns: std::ops::Range<usize>,
-    vector: bool,
+    isa: Isa,
 ) {
     debug_assert!(rows <= ROWS && x.len() >= rows * w.k && columns.end <= w.n);
+    debug_assert!(isa.available());
     #[cfg(target_arch = "x86_64")]
-    if vector && crate::q4::accelerated() {
-        // SAFETY: the CPU has AVX-512F/BW/VL (checked above); the caller
-        // guarantees the memory conditions the kernel relies on.
-        unsafe {
+    match isa {
+        // SAFETY: the CPU has the instruction set (the caller's guarantee);
+        // the caller guarantees the memory conditions the kernel relies on.
+        Isa::Avx512 => unsafe {
+            use crate::dot::avx512::tile;
             match rows {
-                1 => crate::dot::avx512::tile::<_, 4, 1>(w, x, out, stride, columns),
-                2 => crate::dot::avx512::tile::<_, 4, 2>(w, x, out, stride, columns),
-                3 => crate::dot::avx512::tile::<_, 2, 3>(w, x, out, stride, columns),
-                4 => crate::dot::avx512::tile::<_, 2, 4>(w, x, out, stride, columns),
-                5 => crate::dot::avx512::tile::<_, 1, 5>(w, x, out, stride, columns),
-                6 => crate::dot::avx512::tile::<_, 1, 6>(w, x, out, stride, columns),
-                7 => crate::dot::avx512::tile::<_, 1, 7>(w, x, out, stride, columns),
-                _ => crate::dot::avx512::tile::<_, 1, 8>(w, x, out, stride, columns),
+                1 => tile::<_, 4, 1>(w, x, out, stride, columns),
+                2 => tile::<_, 4, 2>(w, x, out, stride, columns),
+                3 => tile::<_, 2, 3>(w, x, out, stride, columns),
+                4 => tile::<_, 2, 4>(w, x, out, stride, columns),
+                5 => tile::<_, 1, 5>(w, x, out, stride, columns),
+                6 => tile::<_, 1, 6>(w, x, out, stride, columns),
+                7 => tile::<_, 1, 7>(w, x, out, stride, columns),
+                _ => tile::<_, 1, 8>(w, x, out, stride, columns),
             }
-        }
-        return;
+            return;
+        },
+        // SAFETY: as above. Sixteen registers hold the accumulators of 4
+        // rows at most: more rows run 4 at a time over 16 matrix rows, whose
+        // bytes the second pass reads from L1.
+        Isa::Avx2 => unsafe {
+            use crate::dot::avx2::tile;
+            let four = |x: &[f32], rows: usize, out: *mut f32, columns| match rows {
+                1 => tile::<_, 4, 1>(w, x, out, stride, columns),
+                2 => tile::<_, 2, 2>(w, x, out, stride, columns),
+                3 => tile::<_, 1, 3>(w, x, out, stride, columns),
+                _ => tile::<_, 1, 4>(w, x, out, stride, columns),
+            };
+            if rows <= 4 {
+                four(x, rows, out, columns);
+            } else {
+                for start in columns.clone().step_by(16) {
+                    let part = start..(start + 16).min(columns.end);
+                    four(x, 4, out, part.clone());
+                    four(&x[4 * w.k..], rows - 4, out.add(4 * stride), part);
+                }
+            }
+            return;
+        },
+        Isa::Portable => {}
     }
     let blocks = w.k / BLOCK;
     for r in 0..rows {
@@ -152,7 +179,8 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q8Matrix};
-    use crate::dot::avx512::{Blocks, CHUNK};
+    use crate::dot::CHUNK;
+    use crate::dot::avx512::Blocks;
 
     /// A block of an 8-bit matrix: its 32 bytes widened to f32 lanes in two
     /// halves and multiplied by the block's scale (exact).
@@ -202,6 +230,66 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, Q8Matrix};
+    use crate::dot::CHUNK;
+    use crate::dot::avx2::Blocks;
+
+    /// A block of an 8-bit matrix: its 32 bytes widened to f32 in four
+    /// quarters and multiplied by the block's scale (exact).
+    impl Blocks for Q8Matrix<'_> {
+        fn k(&self) -> usize {
+            self.k
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn constants(
+            &self,
+            row: usize,
+            b: usize,
+            _count: usize,
+            _scratch: &mut [f32; 2 * CHUNK],
+        ) -> *const f32 {
+            // SAFETY: block row · K/32 + b exists (the caller's guarantee).
+            unsafe { self.scale.as_ptr().add(row * (self.k / BLOCK) + b) }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn unpack(
+            &self,
+            row: usize,
+            b: usize,
+            constants: *const f32,
+            j: usize,
+        ) -> [__m256; 4] {
+            // SAFETY: matrix row `row` < N and b < K/32 (the caller's
+            // guarantee): its block's 32 bytes exist, as `Q8Matrix::new`
+            // checked the sizes; `constants` points at the chunk's scales
+            // in the matrix, and j < its count.
+            let (low, high, d) = unsafe {
+                let at = self.q.as_ptr().add(row * self.k + b * BLOCK);
+                (
+                    _mm_loadu_si128(at.cast()),
+                    _mm_loadu_si128(at.add(16).cast()),
+                    _mm256_set1_ps(*constants.add(j)),
+                )
+            };
+            let weights =
+                |bytes: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), d);
+            [
+                weights(low),
+                weights(_mm_srli_si128::<8>(low)),
+                weights(high),
+                weights(_mm_srli_si128::<8>(high)),
+            ]
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,8 +313,8 @@ mod tests {
                 let x: Vec<f32> = (0..tokens * k)
                     .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03)
                     .collect();
-                for vector in [true, false] {
-                    let got = matmul_with(&w, &x, vector);
+                for isa in Isa::all_available() {
+                    let got = matmul_with(&w, &x, isa);
                     for t in 0..tokens {
                         for c in 0..n {
                             let want: f64 = (0..k)
@@ -235,11 +323,29 @@ mod tests {
                             let g = f64::from(got[t * n + c]);
                             assert!(
                                 (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                                "k {k} n {n} tokens {tokens} vector {vector} [{t}, {c}]: {g} vs {want}"
+                                "k {k} n {n} tokens {tokens} {isa:?} [{t}, {c}]: {g} vs {want}"
                             );
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
+        // N = 37: column tiles and AVX2's 16-row passes leave ragged ends.
+        let (k, n) = (576, 37);
+        let (q, scale) = matrix(k, n);
+        let w = Q8Matrix::new(k, n, &q, &scale).unwrap();
+        let x: Vec<f32> = (0..11 * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.02)
+            .collect();
+        for isa in Isa::all_available() {
+            let all = matmul_with(&w, &x, isa);
+            for t in 0..11 {
+                let alone = matmul_with(&w, &x[t * k..(t + 1) * k], isa);
+                assert_eq!(alone[..], all[t * n..(t + 1) * n], "{isa:?} row {t}");
             }
         }
     }

@@ -35,8 +35,10 @@ from tokenizers import Tokenizer  # noqa: E402
 REFERENCE_TOLERANCE = {"fp32": 1e-3, "q4": 1e-3}
 # Max abs difference between a row of a padded batch and the same prompt alone. Not 0:
 # the matmul kernels sum in a different order for one row than for several (fp32 MLAS SGEMM
-# blocking; MatMulNBits has a separate one-row kernel), about 1e-5 relative to the logits.
-BATCH_TOLERANCE = {"fp32": 1e-4, "q4": 5e-4}
+# blocking; MatMulNBits has a separate one-row kernel), about 1e-5 relative to the logits
+# (which reach ~20). It also varies from run to run: the fp32 graph's left-padded batch gave
+# 6.9e-5 in one run and 1.09e-4 in the next on the same machine, so both limits are 5e-4.
+BATCH_TOLERANCE = {"fp32": 5e-4, "q4": 5e-4}
 # The padding side each variant's graph takes (its config.yaml's `padding`).
 PADDING = {"fp32": "left", "q4": "right"}
 DECODE_CHECK_STEPS = 4

@@ -24,6 +24,11 @@
 //! from `cargo xtask models`. `LMGRID_BENCH_SECONDS` (default 10) sets the
 //! measuring time per row, `LMGRID_BENCH_TOKENS` (default 64) the tokens per
 //! stream, `LMGRID_BENCH_VARIANTS` a comma-separated subset of variants.
+//!
+//! `LMGRID_BENCH_PROFILE=1` runs, instead of the table, the raw loop under
+//! ONNX Runtime's profiler for every graph at 1 and 8 rows and prints where
+//! a decode step's time goes by operator type (and a prompt's, at 1 row),
+//! with what the session spends between its kernels.
 
 use std::time::{Duration, Instant};
 
@@ -109,6 +114,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     let runtime = Runtime::get(&Default::default())?;
+    let profiling = std::env::var("LMGRID_BENCH_PROFILE").is_ok_and(|v| v == "1");
     let mut rows = Vec::new();
     let mut memory = Vec::new();
     let mut drifts = Vec::new();
@@ -138,6 +144,11 @@ fn main() -> anyhow::Result<()> {
         };
         for graph in graphs(variant) {
             let path = models.join(variant).join("1").join(&graph);
+            if profiling {
+                let cache = caches.last().copied().unwrap_or(Cache::Copied);
+                profile(runtime, &path, variant, &graph, cache, tokens)?;
+                continue;
+            }
             let (mut session, _, _) =
                 runtime.session(&path, None, &ProviderConfig::default(), 2)?;
             for width in WIDTHS {
@@ -148,6 +159,10 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+    }
+
+    if profiling {
+        return Ok(());
     }
 
     let tokio = tokio::runtime::Builder::new_multi_thread()
@@ -687,4 +702,181 @@ async fn worker_row(
         step_ms: (step_seconds - steps_before.1) / steps * 1e3,
         regather_ms: (regather_seconds - regathers_before.1) / steps * 1e3,
     })
+}
+
+/// Decode cycles each profile covers, after one warm-up cycle.
+const PROFILED_CYCLES: usize = 3;
+
+/// Runs the raw loop over `path` under ONNX Runtime's profiler at 1 and 8
+/// rows and prints, per operator type, its kernels' time per decode step
+/// (and per prompt at 1 row) and the session's time outside them.
+fn profile(
+    runtime: &Runtime,
+    path: &std::path::Path,
+    variant: &str,
+    graph: &str,
+    cache: Cache,
+    tokens: usize,
+) -> anyhow::Result<()> {
+    let cycle = match cache {
+        Cache::Copied => decode_cycle,
+        Cache::InPlace => decode_cycle_in_place,
+    };
+    let dir = tempfile::tempdir()?;
+    let mut columns = Vec::new();
+    for width in [1, 8] {
+        let mut session = runtime
+            .builder(2)?
+            .with_profiling(dir.path().join(format!("w{width}")))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .commit_from_file(path)?;
+        let layers = session
+            .inputs()
+            .iter()
+            .filter(|i| i.name().ends_with(".key") && i.name().starts_with("past_key_values."))
+            .count();
+        for _ in 0..=PROFILED_CYCLES {
+            cycle(&mut session, layers, width, tokens)?;
+        }
+        let file = session.end_profiling()?;
+        let events: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&file)?)?;
+        columns.push(split_profile(&events, tokens)?);
+    }
+    println!();
+    println!(
+        "ONNX Runtime's profile: {variant}, {graph}, {} cache, {tokens}-step cycles ({PROFILED_CYCLES} after a warm-up one); µs per decode step at 1 and 8 rows, per 40-token prompt at 1 row",
+        match cache {
+            Cache::Copied => "copied",
+            Cache::InPlace => "in-place",
+        }
+    );
+    println!(
+        "| operator | kernels per step | 1 row µs/step | share | 8 rows µs/step | share | prompt µs |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let (one, eight) = (&columns[0], &columns[1]);
+    let mut ops: Vec<&String> = one.decode.keys().chain(eight.decode.keys()).collect();
+    ops.sort_by(|a, b| {
+        let total = |op: &String| one.decode.get(op).map_or(0.0, |t| t.1);
+        total(b).total_cmp(&total(a)).then(a.cmp(b))
+    });
+    ops.dedup();
+    let share = |c: &ProfileColumn, op: &String| {
+        c.decode
+            .get(op)
+            .map_or((0.0, 0.0), |t| (t.1, 100.0 * t.1 / c.run))
+    };
+    for op in ops {
+        let (a, a_share) = share(one, op);
+        let (b, b_share) = share(eight, op);
+        println!(
+            "| {op} | {:.0} | {a:.0} | {a_share:.1}% | {b:.0} | {b_share:.1}% | {:.0} |",
+            one.decode.get(op).map_or(0.0, |t| t.0),
+            one.prompt.get(op).copied().unwrap_or(0.0),
+        );
+    }
+    let outside = |c: &ProfileColumn| c.run - c.decode.values().map(|t| t.1).sum::<f64>();
+    println!(
+        "| between kernels (the session's own work) | — | {:.0} | {:.1}% | {:.0} | {:.1}% | {:.0} |",
+        outside(one),
+        100.0 * outside(one) / one.run,
+        outside(eight),
+        100.0 * outside(eight) / eight.run,
+        one.prompt_run - one.prompt.values().sum::<f64>(),
+    );
+    println!(
+        "| **whole run** | — | {:.0} | 100% | {:.0} | 100% | {:.0} |",
+        one.run, eight.run, one.prompt_run
+    );
+    Ok(())
+}
+
+/// One profile's means: per operator type, kernels per decode step and µs
+/// per step; µs per prompt; and the mean run of each kind.
+#[derive(Debug, Default)]
+struct ProfileColumn {
+    decode: std::collections::BTreeMap<String, (f64, f64)>,
+    prompt: std::collections::BTreeMap<String, f64>,
+    run: f64,
+    prompt_run: f64,
+}
+
+/// Splits ONNX Runtime's profile events into decode steps and prompts: the
+/// runs (`model_run`) in time order, the first cycle's skipped, each
+/// cycle's first run the prompt; each kernel (`…_kernel_time`) belongs to
+/// the run whose span holds it.
+fn split_profile(events: &[serde_json::Value], tokens: usize) -> anyhow::Result<ProfileColumn> {
+    let span = |e: &serde_json::Value| -> Option<(f64, f64)> {
+        Some((e.get("ts")?.as_f64()?, e.get("dur")?.as_f64()?))
+    };
+    fn name(e: &serde_json::Value) -> &str {
+        e.get("name").and_then(|n| n.as_str()).unwrap_or("")
+    }
+    let mut runs: Vec<(f64, f64)> = events
+        .iter()
+        .filter(|e| name(e) == "model_run")
+        .filter_map(span)
+        .collect();
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    anyhow::ensure!(
+        runs.len() == (PROFILED_CYCLES + 1) * tokens,
+        "the profile holds {} runs; expected {}",
+        runs.len(),
+        (PROFILED_CYCLES + 1) * tokens
+    );
+    let mut kernels: Vec<(f64, f64, &str)> = events
+        .iter()
+        .filter(|e| name(e).ends_with("_kernel_time"))
+        .filter_map(|e| {
+            let (ts, dur) = span(e)?;
+            let op = e.pointer("/args/op_name").and_then(|o| o.as_str());
+            Some((ts, dur, op.unwrap_or("?")))
+        })
+        .collect();
+    kernels.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut column = ProfileColumn::default();
+    let (mut steps, mut prompts) = (0usize, 0usize);
+    let mut next = 0;
+    for (index, &(start, dur)) in runs.iter().enumerate() {
+        // Kernels before this run (the warm-up's, or between runs) are skipped.
+        while next < kernels.len() && kernels[next].0 < start {
+            next += 1;
+        }
+        let first = next;
+        while next < kernels.len() && kernels[next].0 <= start + dur {
+            next += 1;
+        }
+        if index < tokens {
+            continue;
+        }
+        let prompt = index % tokens == 0;
+        if prompt {
+            prompts += 1;
+            column.prompt_run += dur;
+        } else {
+            steps += 1;
+            column.run += dur;
+        }
+        for &(_, d, op) in &kernels[first..next] {
+            let op = op.to_string();
+            if prompt {
+                *column.prompt.entry(op).or_default() += d;
+            } else {
+                let entry = column.decode.entry(op).or_default();
+                entry.0 += 1.0;
+                entry.1 += d;
+            }
+        }
+    }
+    let (steps, prompts) = (steps.max(1) as f64, prompts.max(1) as f64);
+    column.run /= steps;
+    column.prompt_run /= prompts;
+    for entry in column.decode.values_mut() {
+        entry.0 /= steps;
+        entry.1 /= steps;
+    }
+    for us in column.prompt.values_mut() {
+        *us /= prompts;
+    }
+    Ok(column)
 }

@@ -126,6 +126,17 @@ impl Runtime {
         ort::ep::CUDA::is_available().map_err(|e| EngineError::Model(e.to_string()))
     }
 
+    /// A session builder with `threads` intra-op threads, one inter-op
+    /// thread and lmgrid's custom operators registered: what
+    /// [`Runtime::session`] starts from, for callers that set more options
+    /// (the benchmarks' profiling).
+    pub fn builder(&self, threads: usize) -> ort::Result<ort::session::builder::SessionBuilder> {
+        Ok(Session::builder(&self.env)?
+            .with_intra_threads(threads.max(1))?
+            .with_inter_threads(1)?
+            .with_operators(lmgrid_kernels::domain()?)?)
+    }
+
     /// Creates a session for `model` on `provider` with `threads` intra-op
     /// threads, with lmgrid's custom operators registered. When the session
     /// runs on the CPU and `cpu_model` is given, that graph is loaded
@@ -140,15 +151,7 @@ impl Runtime {
         threads: usize,
     ) -> Result<(Session, String, PathBuf), EngineError> {
         let err = |e: ort::Error| EngineError::Model(format!("{}: {e}", model.display()));
-        let domain = lmgrid_kernels::domain().map_err(err)?;
-        let mut builder = Session::builder(&self.env)
-            .map_err(err)?
-            .with_intra_threads(threads.max(1))
-            .map_err(|e| err(e.into()))?
-            .with_inter_threads(1)
-            .map_err(|e| err(e.into()))?
-            .with_operators(domain)
-            .map_err(|e| err(e.into()))?;
+        let mut builder = self.builder(threads).map_err(err)?;
         let used = match provider.kind {
             ProviderKind::Cpu => "cpu".to_string(),
             ProviderKind::Cuda => {
