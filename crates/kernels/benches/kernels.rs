@@ -11,7 +11,9 @@
 //! halves of its rows; the operator inside ONNX Runtime splits matrices by
 //! rows of the weight matrix instead, which reads the same bytes) and
 //! reports weight bytes read per second, multiply-adds per second, and the
-//! ratio to a plain read of the same bytes on as many threads.
+//! ratio to a plain read of the same bytes on as many threads. The layers
+//! also run 48 rows (a prompt: the outer-product path, [`q4`]'s module doc).
+//! The first line names the instruction set the kernels ran on.
 //!
 //! `LMGRID_BENCH_SECONDS` (default 2) sets the measuring time per row.
 
@@ -186,7 +188,14 @@ fn main() {
                     black_box(m.read());
                 })
             });
-            for rows in [1, 2, 4, 8, 16] {
+            // 48 rows, a prompt, take the 4-bit kernel's outer-product path; the
+            // LM head only ever sees a step's rows.
+            let counts: &[usize] = if name.starts_with("layers") {
+                &[1, 2, 4, 8, 16, 48]
+            } else {
+                &[1, 2, 4, 8, 16]
+            };
+            for &rows in counts {
                 let inputs: Vec<Vec<f32>> = [HIDDEN, FFN]
                     .iter()
                     .map(|&k| {

@@ -289,9 +289,35 @@ mod avx2 {
     use super::TILE;
     use crate::q4::{BLOCK, Q4Matrix};
 
-    /// The AVX2 form of [`super::unpack_tile`]: each block's 32 weights as
-    /// [`crate::q4::avx2::block`] computes them, stored down the tile's
-    /// column.
+    /// Transposes 8 vectors of 8 (`rows[i]` element `j` → `out[j]` element
+    /// `i`).
+    #[target_feature(enable = "avx2")]
+    fn transpose8(rows: [__m256; 8]) -> [__m256; 8] {
+        let mut t = [_mm256_setzero_ps(); 8];
+        for i in 0..4 {
+            t[2 * i] = _mm256_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+        }
+        // u[4h + m], within each 128-bit lane l: column 4l + m of rows 4h .. 4h + 3.
+        let mut u = [_mm256_setzero_ps(); 8];
+        for h in 0..2 {
+            u[4 * h] = _mm256_shuffle_ps::<0x44>(t[4 * h], t[4 * h + 2]);
+            u[4 * h + 1] = _mm256_shuffle_ps::<0xEE>(t[4 * h], t[4 * h + 2]);
+            u[4 * h + 2] = _mm256_shuffle_ps::<0x44>(t[4 * h + 1], t[4 * h + 3]);
+            u[4 * h + 3] = _mm256_shuffle_ps::<0xEE>(t[4 * h + 1], t[4 * h + 3]);
+        }
+        let mut out = [_mm256_setzero_ps(); 8];
+        for m in 0..4 {
+            out[m] = _mm256_permute2f128_ps::<0x20>(u[m], u[4 + m]);
+            out[4 + m] = _mm256_permute2f128_ps::<0x31>(u[m], u[4 + m]);
+        }
+        out
+    }
+
+    /// The AVX2 form of [`super::unpack_tile`]: per block and 8 matrix
+    /// rows, each row's 32 weights as [`crate::q4::avx2::block`] computes
+    /// them, then each quarter's 8 × 8 transposed so that a position along
+    /// K holds the 8 rows.
     ///
     /// # Safety
     /// AVX2, FMA and F16C must be available; `out` holds K × TILE values and
@@ -299,33 +325,43 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn unpack_tile(w: &Q4Matrix<'_>, first: usize, out: &mut [f32]) {
         let blocks = w.k / BLOCK;
-        let mut weights = [0f32; BLOCK];
-        for c in 0..TILE {
-            for b in 0..blocks {
-                let i = (first + c) * blocks + b;
-                // SAFETY: block i exists: matrix row first + c < N and b <
-                // K/32; `weights` holds 32 values.
-                unsafe {
-                    let v = crate::q4::avx2::block(
-                        w.q.as_ptr().add(i * (BLOCK / 2)),
-                        w.scale.get_unchecked(i).to_f32(),
-                        w.minimum.get_unchecked(i).to_f32(),
-                    );
-                    for (part, v) in v.into_iter().enumerate() {
-                        _mm256_storeu_ps(weights.as_mut_ptr().add(8 * part), v);
-                    }
+        let base = out.as_mut_ptr();
+        for b in 0..blocks {
+            for group in 0..TILE / 8 {
+                let mut weights = [[_mm256_setzero_ps(); 4]; 8];
+                for (c, weights) in weights.iter_mut().enumerate() {
+                    let i = (first + group * 8 + c) * blocks + b;
+                    // SAFETY: block i exists: matrix row first + group·8 + c
+                    // < N and b < K/32.
+                    *weights = unsafe {
+                        crate::q4::avx2::block(
+                            w.q.as_ptr().add(i * (BLOCK / 2)),
+                            w.scale.get_unchecked(i).to_f32(),
+                            w.minimum.get_unchecked(i).to_f32(),
+                        )
+                    };
                 }
-                for (p, &weight) in weights.iter().enumerate() {
-                    out[(b * BLOCK + p) * TILE + c] = weight;
+                for part in 0..4 {
+                    let columns = transpose8(std::array::from_fn(|c| weights[c][part]));
+                    for (p, &column) in columns.iter().enumerate() {
+                        // SAFETY: position b·32 + 8·part + p < K and columns
+                        // group·8 .. group·8 + 8 ≤ TILE: within `out`.
+                        unsafe {
+                            let at = base.add((b * BLOCK + 8 * part + p) * TILE + group * 8);
+                            _mm256_storeu_ps(at, column);
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// The rows of one group against one tile, two rows at a time (4 × 2
-    /// accumulators): per position along K the tile's four weight vectors
-    /// are loaded and each row's activation broadcast into them. Each output
-    /// is summed along K in the order the AVX-512 path sums it.
+    /// The rows of one group against one tile, in passes of at most 12
+    /// accumulators (16 registers): 6 rows × 16 columns, the classic AVX2
+    /// shape, while 6 rows are left, then the rest. Per position along K a
+    /// pass loads its weight vectors and broadcasts each row's activation
+    /// into them. Each output is summed along K in the order the AVX-512
+    /// path sums it, so both give the same bits.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; the conditions of [`super::tile`]
@@ -339,31 +375,79 @@ mod avx2 {
         out: *mut f32,
         stride: usize,
     ) {
-        let (w, x) = (unpacked.as_ptr(), xs.as_ptr());
-        for r0 in (0..rows).step_by(2) {
-            let pair = (rows - r0).min(2);
-            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-            for p in 0..k {
-                // SAFETY: p < K, and `unpacked` holds K × TILE values, `xs`
-                // the group's `rows` interleaved rows of K (the caller's
-                // guarantee).
-                unsafe {
-                    let weights = [0, 8, 16, 24].map(|c| _mm256_loadu_ps(w.add(p * TILE + c)));
-                    for (r, acc) in acc.iter_mut().enumerate().take(pair) {
-                        let xb = _mm256_set1_ps(*x.add(p * rows + r0 + r));
-                        for (a, &wv) in acc.iter_mut().zip(&weights) {
-                            *a = _mm256_fmadd_ps(wv, xb, *a);
-                        }
+        let at = Pass {
+            k,
+            unpacked,
+            xs,
+            rows,
+            out,
+            stride,
+        };
+        let mut r0 = 0;
+        while r0 < rows {
+            // SAFETY: rows r0.. < rows and columns within the tile (the
+            // caller's guarantee covers them all); each pass returns its rows.
+            let done = unsafe {
+                match rows - r0 {
+                    1 => at.run::<1, 4>(r0, 0),
+                    2 => at.run::<2, 4>(r0, 0),
+                    3 => at.run::<3, 4>(r0, 0),
+                    4 => at.run::<4, 2>(r0, 0).max(at.run::<4, 2>(r0, 16)),
+                    5 => at.run::<5, 2>(r0, 0).max(at.run::<5, 2>(r0, 16)),
+                    _ => at.run::<6, 2>(r0, 0).max(at.run::<6, 2>(r0, 16)),
+                }
+            };
+            r0 += done;
+        }
+    }
+
+    /// One call of [`tile`]'s arguments.
+    struct Pass<'a> {
+        k: usize,
+        unpacked: &'a [f32],
+        xs: &'a [f32],
+        rows: usize,
+        out: *mut f32,
+        stride: usize,
+    }
+
+    impl Pass<'_> {
+        /// Rows `r0..r0 + S` of the group against the tile's columns
+        /// `c0..c0 + 8V`; returns S.
+        ///
+        /// # Safety
+        /// AVX2 and FMA must be available; `r0 + S ≤ rows`, `c0 + 8V ≤
+        /// TILE`, and the conditions of [`super::tile`] hold.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run<const S: usize, const V: usize>(&self, r0: usize, c0: usize) -> usize {
+            let (w, x) = (self.unpacked.as_ptr(), self.xs.as_ptr());
+            let mut acc = [[_mm256_setzero_ps(); V]; S];
+            for p in 0..self.k {
+                let mut weights = [_mm256_setzero_ps(); V];
+                for (v, weight) in weights.iter_mut().enumerate() {
+                    // SAFETY: p < K and c0 + 8v + 8 ≤ TILE: within the K ×
+                    // TILE values of `unpacked`.
+                    *weight = unsafe { _mm256_loadu_ps(w.add(p * TILE + c0 + 8 * v)) };
+                }
+                for (s, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: the group's `rows` interleaved rows of K are in
+                    // `xs`, and r0 + s < rows.
+                    let xb = unsafe { _mm256_set1_ps(*x.add(p * self.rows + r0 + s)) };
+                    for (a, &weight) in acc.iter_mut().zip(&weights) {
+                        *a = _mm256_fmadd_ps(weight, xb, *a);
                     }
                 }
             }
-            for (r, acc) in acc.iter().enumerate().take(pair) {
-                for (part, &a) in acc.iter().enumerate() {
-                    // SAFETY: row r0 + r < rows and columns 0..32 of the
-                    // tile, valid and unaliased as the caller guarantees.
-                    unsafe { _mm256_storeu_ps(out.add((r0 + r) * stride + 8 * part), a) };
+            for (s, acc) in acc.iter().enumerate() {
+                for (v, &a) in acc.iter().enumerate() {
+                    // SAFETY: row r0 + s < rows and columns c0 + 8v.. + 8 ≤
+                    // TILE, valid and unaliased as the caller guarantees.
+                    unsafe {
+                        _mm256_storeu_ps(self.out.add((r0 + s) * self.stride + c0 + 8 * v), a)
+                    };
                 }
             }
+            S
         }
     }
 }
