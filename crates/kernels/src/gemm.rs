@@ -341,8 +341,10 @@ mod avx2 {
                         )
                     };
                 }
-                for part in 0..4 {
-                    let columns = transpose8(std::array::from_fn(|c| weights[c][part]));
+                let quarters: [[__m256; 8]; 4] =
+                    std::array::from_fn(|part| std::array::from_fn(|c| weights[c][part]));
+                for (part, quarter) in quarters.into_iter().enumerate() {
+                    let columns = transpose8(quarter);
                     for (p, &column) in columns.iter().enumerate() {
                         // SAFETY: position b·32 + 8·part + p < K and columns
                         // group·8 .. group·8 + 8 ≤ TILE: within `out`.
