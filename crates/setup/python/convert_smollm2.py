@@ -76,10 +76,10 @@ PADDING = {"q4": "right", "fp32": "left"}
 KV_CACHE = {"q4": "shared", "fp32": "copy"}
 # The q4 variant's second graph: the same function with lmgrid's MatMulQ4 kernel (custom
 # operator domain ai.lmgrid) in place of MatMulNBits and its block-offset corrections, and
-# MatMulQ8 over the Q8_0 blocks as the LM head. The worker loads it on CPUs with AVX-512;
-# model.onnx stays the graph for CUDA and other CPUs.
+# MatMulQ8 over the Q8_0 blocks as the LM head. The worker loads it on CPUs with AVX-512 or
+# AVX2 (x86-64-v3); model.onnx stays the graph for CUDA and other CPUs.
 CPU_GRAPH = "model.cpu.onnx"
-CPU_GRAPH_YAML = f"""# On CPUs with AVX-512 the worker loads {CPU_GRAPH}: lmgrid's own exact 4-bit kernel.
+CPU_GRAPH_YAML = f"""# On AVX-512 or AVX2 CPUs the worker loads {CPU_GRAPH}: lmgrid's own exact 4-bit kernel.
 cpu_graph: {CPU_GRAPH}
 """
 LMGRID_DOMAIN = "ai.lmgrid"

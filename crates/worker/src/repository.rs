@@ -44,7 +44,7 @@ pub struct ModelConfig {
     /// Another graph file in the version directory that computes the same
     /// function with lmgrid's CPU kernels (operator domain `ai.lmgrid`),
     /// loaded instead of `model.onnx` when the session runs on the CPU and
-    /// this CPU has the kernels' vector path (AVX-512F). `model.onnx` stays
+    /// this CPU has a vector path of the kernels (AVX-512 or AVX2). `model.onnx` stays
     /// the graph for CUDA and for CPUs without it.
     pub cpu_graph: Option<String>,
 }
