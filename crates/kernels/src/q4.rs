@@ -160,8 +160,8 @@ pub(crate) unsafe fn tile(
         Isa::Avx2 => unsafe {
             use crate::dot::avx2::tile;
             match rows {
-                1 => tile::<_, 4, 1>(w, xs, out, stride, columns),
-                2 => tile::<_, 2, 2>(w, xs, out, stride, columns),
+                1 => tile::<_, 1, 1>(w, xs, out, stride, columns),
+                2 => tile::<_, 1, 2>(w, xs, out, stride, columns),
                 3 => tile::<_, 1, 3>(w, xs, out, stride, columns),
                 _ => tile::<_, 1, 4>(w, xs, out, stride, columns),
             }
@@ -428,15 +428,27 @@ pub(crate) mod avx2 {
             let (d, m) = scratch.split_at_mut(CHUNK);
             for (from, to) in [(self.scale, d), (self.minimum, m)] {
                 // Blocks i..i + count exist (row < N, b + count ≤ K/32, the
-                // caller's guarantee); a short chunk is padded with zeros.
+                // caller's guarantee). A whole chunk converts in place; a
+                // short one (the last of a row of K = 576) goes through a
+                // copy padded with zeros, by a loop of fixed length rather
+                // than a `memcpy` call.
                 let mut bits = [0u16; CHUNK];
-                for (bit, value) in bits.iter_mut().zip(&from[i..i + count]) {
-                    *bit = value.to_bits();
-                }
-                // SAFETY: `bits` holds 16 fp16 values and `to` 16 f32s.
+                let source = if count == CHUNK {
+                    from[i..i + CHUNK].as_ptr().cast::<u16>()
+                } else {
+                    for (t, bit) in bits.iter_mut().enumerate() {
+                        *bit = from
+                            .get(i + t)
+                            .filter(|_| t < count)
+                            .map_or(0, |v| v.to_bits());
+                    }
+                    bits.as_ptr()
+                };
+                // SAFETY: `source` points at 16 fp16 values (a whole chunk of
+                // the slice, or `bits`), and `to` holds 16 f32s.
                 unsafe {
-                    let low = _mm_loadu_si128(bits.as_ptr().cast());
-                    let high = _mm_loadu_si128(bits.as_ptr().add(8).cast());
+                    let low = _mm_loadu_si128(source.cast());
+                    let high = _mm_loadu_si128(source.add(8).cast());
                     _mm256_storeu_ps(to.as_mut_ptr(), _mm256_cvtph_ps(low));
                     _mm256_storeu_ps(to.as_mut_ptr().add(8), _mm256_cvtph_ps(high));
                 }

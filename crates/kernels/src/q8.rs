@@ -137,8 +137,8 @@ pub(crate) unsafe fn tile(
         Isa::Avx2 => unsafe {
             use crate::dot::avx2::tile;
             let four = |x: &[f32], rows: usize, out: *mut f32, columns| match rows {
-                1 => tile::<_, 4, 1>(w, x, out, stride, columns),
-                2 => tile::<_, 2, 2>(w, x, out, stride, columns),
+                1 => tile::<_, 1, 1>(w, x, out, stride, columns),
+                2 => tile::<_, 1, 2>(w, x, out, stride, columns),
                 3 => tile::<_, 1, 3>(w, x, out, stride, columns),
                 _ => tile::<_, 1, 4>(w, x, out, stride, columns),
             };
