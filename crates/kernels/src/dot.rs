@@ -8,54 +8,51 @@
 /// Blocks whose constants a kernel prepares at a time.
 pub(crate) const CHUNK: usize = 16;
 
+/// A matrix `[N, K]` of blocks of 32 weights along K, as a dot-product
+/// kernel reads it; `V` is one block's weights as an instruction set holds
+/// them: two 16-lane vectors for AVX-512 (elements 0..16 and 16..32 of the
+/// block as `x` holds it), four 8-lane ones for AVX2 (0..8, .., 24..32).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+pub(crate) trait Blocks<V> {
+    /// K, a multiple of 32.
+    fn k(&self) -> usize;
+
+    /// The per-block constants of blocks `b..b + count` (`count` ≤ [`CHUNK`])
+    /// of matrix row `row` as f32s, in whatever layout [`Blocks::unpack`]
+    /// reads them back in: where the matrix stores them so, a pointer into
+    /// it, else converted into `scratch`. Done once per chunk, so that
+    /// unpacking a block broadcasts them from memory instead of converting
+    /// them.
+    ///
+    /// # Safety
+    /// The instruction set of `V` must be available; `row < N` and `b +
+    /// count ≤ K/32`.
+    unsafe fn constants(
+        &self,
+        row: usize,
+        b: usize,
+        count: usize,
+        scratch: &mut [f32; 2 * CHUNK],
+    ) -> *const f32;
+
+    /// The weights of block `b` of matrix row `row`; `constants` is what
+    /// [`Blocks::constants`] returned for the chunk holding the block, `j`
+    /// the block's index in it.
+    ///
+    /// # Safety
+    /// The instruction set of `V` must be available; `row < N`, `b < K/32`,
+    /// `j` less than the chunk's `count` and `constants` still valid.
+    unsafe fn unpack(&self, row: usize, b: usize, constants: *const f32, j: usize) -> V;
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::CHUNK;
+    use super::{Blocks, CHUNK};
     use crate::q4::BLOCK;
-
-    /// A matrix `[N, K]` of blocks of 32 weights along K.
-    pub(crate) trait Blocks {
-        /// K, a multiple of 32.
-        fn k(&self) -> usize;
-
-        /// The per-block constants of blocks `b..b + count` (`count` ≤
-        /// [`CHUNK`]) of matrix row `row` as f32s, in whatever layout
-        /// [`Blocks::unpack`] reads them back in: where the matrix stores
-        /// them so, a pointer into it, else converted into `scratch`. Done
-        /// once per chunk, so that unpacking a block broadcasts them from
-        /// memory instead of converting them.
-        ///
-        /// # Safety
-        /// AVX-512F/BW/VL must be available; `row < N` and `b + count ≤
-        /// K/32`.
-        unsafe fn constants(
-            &self,
-            row: usize,
-            b: usize,
-            count: usize,
-            scratch: &mut [f32; 2 * CHUNK],
-        ) -> *const f32;
-
-        /// The weights of block `b` of matrix row `row`, as two vectors in
-        /// the order the activations of a block are laid out in (elements
-        /// 0..16 and 16..32 of the block as `x` holds it); `constants` is
-        /// what [`Blocks::constants`] returned for the chunk holding the
-        /// block, `j` the block's index in it.
-        ///
-        /// # Safety
-        /// AVX-512F must be available; `row < N`, `b < K/32`, `j` less than
-        /// the chunk's `count` and `constants` still valid.
-        unsafe fn unpack(
-            &self,
-            row: usize,
-            b: usize,
-            constants: *const f32,
-            j: usize,
-        ) -> (__m512, __m512);
-    }
 
     /// `out[r · stride + c] = Σ_k xs[r · K + k] · W[c, k]` for `R` rows of
     /// `xs` and the matrix rows `columns`, `C` of them at a time (the last
@@ -65,7 +62,7 @@ pub(crate) mod avx512 {
     /// AVX-512F/BW/VL must be available; `out` valid and unaliased at every
     /// element written; `xs` holding R rows of K; `columns` within `0..N`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(crate) unsafe fn tile<W: Blocks, const C: usize, const R: usize>(
+    pub(crate) unsafe fn tile<W: Blocks<(__m512, __m512)>, const C: usize, const R: usize>(
         w: &W,
         xs: &[f32],
         out: *mut f32,
@@ -127,44 +124,8 @@ pub(crate) mod avx512 {
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::CHUNK;
+    use super::{Blocks, CHUNK};
     use crate::q4::BLOCK;
-
-    /// A matrix `[N, K]` of blocks of 32 weights along K, as the AVX2
-    /// kernel reads it (see [`super::avx512::Blocks`], whose contract this
-    /// follows with 8-lane vectors).
-    pub(crate) trait Blocks {
-        /// K, a multiple of 32.
-        fn k(&self) -> usize;
-
-        /// As [`super::avx512::Blocks::constants`].
-        ///
-        /// # Safety
-        /// AVX2, FMA and F16C must be available; `row < N` and `b + count ≤
-        /// K/32`.
-        unsafe fn constants(
-            &self,
-            row: usize,
-            b: usize,
-            count: usize,
-            scratch: &mut [f32; 2 * CHUNK],
-        ) -> *const f32;
-
-        /// The weights of block `b` of matrix row `row` as four vectors:
-        /// elements 0..8, 8..16, 16..24 and 24..32 of the block as `x`
-        /// holds it.
-        ///
-        /// # Safety
-        /// AVX2, FMA and F16C must be available; `row < N`, `b < K/32`, `j`
-        /// less than the chunk's `count` and `constants` still valid.
-        unsafe fn unpack(
-            &self,
-            row: usize,
-            b: usize,
-            constants: *const f32,
-            j: usize,
-        ) -> [__m256; 4];
-    }
 
     /// The sum of the 8 lanes of `v`.
     #[target_feature(enable = "avx2,fma")]
@@ -187,7 +148,7 @@ pub(crate) mod avx2 {
     /// every element written; `xs` holding R rows of K; `columns` within
     /// `0..N`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn tile<W: Blocks, const C: usize, const R: usize>(
+    pub(crate) unsafe fn tile<W: Blocks<[__m256; 4]>, const C: usize, const R: usize>(
         w: &W,
         xs: &[f32],
         out: *mut f32,

@@ -302,15 +302,14 @@ pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q4Matrix};
-    use crate::dot::CHUNK;
-    use crate::dot::avx512::Blocks;
+    use crate::dot::{Blocks, CHUNK};
 
     /// A block of a 4-bit matrix: its 16 bytes widened to 16 lanes, the low
     /// and high nibbles indexing a 16-entry table `d · i + m` (`vpermps`,
     /// which reads only the low 4 bits of each index): the block's even
     /// elements, then its odd ones, as [`super::split_blocks`] lays out `x`.
     /// A chunk's constants are its scales then its minimums, in f32.
-    impl Blocks for Q4Matrix<'_> {
+    impl Blocks<(__m512, __m512)> for Q4Matrix<'_> {
         fn k(&self) -> usize {
             self.k
         }
@@ -382,8 +381,7 @@ pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q4Matrix};
-    use crate::dot::CHUNK;
-    use crate::dot::avx2::Blocks;
+    use crate::dot::{Blocks, CHUNK};
 
     /// The 32 weights `fl(d · q + m)` of the block of 16 bytes at `packed`,
     /// in the order [`super::split_blocks`] lays `x` out in: the low nibbles
@@ -411,7 +409,7 @@ pub(crate) mod avx2 {
     }
 
     /// A chunk's constants are its scales then its minimums, in f32.
-    impl Blocks for Q4Matrix<'_> {
+    impl Blocks<[__m256; 4]> for Q4Matrix<'_> {
         fn k(&self) -> usize {
             self.k
         }

@@ -58,6 +58,18 @@ impl<'a> Q8Matrix<'a> {
         Ok(Q8Matrix { k, n, q, scale })
     }
 
+    /// The scales of matrix row `row` from block `b` on: the kernels' block
+    /// constants, which need no conversion.
+    ///
+    /// # Safety
+    /// `row < N` and `b < K/32`.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    unsafe fn scales_from(&self, row: usize, b: usize) -> *const f32 {
+        // SAFETY: within `scale` (`[N, K/32]`), by the caller's guarantee.
+        unsafe { self.scale.as_ptr().add(row * (self.k / BLOCK) + b) }
+    }
+
     /// Weight `[row, column]`: `d · q`, exact.
     pub fn weight(&self, row: usize, column: usize) -> f32 {
         let block = row * (self.k / BLOCK) + column / BLOCK;
@@ -179,12 +191,11 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q8Matrix};
-    use crate::dot::CHUNK;
-    use crate::dot::avx512::Blocks;
+    use crate::dot::{Blocks, CHUNK};
 
     /// A block of an 8-bit matrix: its 32 bytes widened to f32 lanes in two
     /// halves and multiplied by the block's scale (exact).
-    impl Blocks for Q8Matrix<'_> {
+    impl Blocks<(__m512, __m512)> for Q8Matrix<'_> {
         fn k(&self) -> usize {
             self.k
         }
@@ -198,7 +209,7 @@ mod avx512 {
             _scratch: &mut [f32; 2 * CHUNK],
         ) -> *const f32 {
             // SAFETY: block row · K/32 + b exists (the caller's guarantee).
-            unsafe { self.scale.as_ptr().add(row * (self.k / BLOCK) + b) }
+            unsafe { self.scales_from(row, b) }
         }
 
         #[target_feature(enable = "avx512f")]
@@ -236,12 +247,11 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q8Matrix};
-    use crate::dot::CHUNK;
-    use crate::dot::avx2::Blocks;
+    use crate::dot::{Blocks, CHUNK};
 
     /// A block of an 8-bit matrix: its 32 bytes widened to f32 in four
     /// quarters and multiplied by the block's scale (exact).
-    impl Blocks for Q8Matrix<'_> {
+    impl Blocks<[__m256; 4]> for Q8Matrix<'_> {
         fn k(&self) -> usize {
             self.k
         }
@@ -255,7 +265,7 @@ mod avx2 {
             _scratch: &mut [f32; 2 * CHUNK],
         ) -> *const f32 {
             // SAFETY: block row · K/32 + b exists (the caller's guarantee).
-            unsafe { self.scale.as_ptr().add(row * (self.k / BLOCK) + b) }
+            unsafe { self.scales_from(row, b) }
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
