@@ -227,10 +227,10 @@ fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
 /// `[tokens, N]` output.
 ///
 /// # Safety
-/// `isa` must be available; `out` must be valid for writes, and unaliased during the call, at rows
-/// `0..tokens` and `columns` (row stride N); `columns` must lie within
-/// `0..N`; `xs` (and `interleaved` for the outer-product path) must hold
-/// `tokens × K` values.
+/// `isa` must be available; `out` must be valid for writes, and unaliased
+/// during the call, at rows `0..tokens` and `columns` (row stride N);
+/// `columns` must lie within `0..N`; `xs` (and `interleaved` for the
+/// outer-product path) must hold `tokens × K` values.
 #[allow(unsafe_code, clippy::too_many_arguments)]
 pub(crate) unsafe fn all_rows(
     w: &Q4Matrix<'_>,
