@@ -77,3 +77,17 @@ pub fn domain() -> ort::Result<ort::operator::OperatorDomain> {
         .add(op::MatMulQ4)?
         .add(op::MatMulQ8)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Isa;
+
+    #[test]
+    fn the_best_path_is_the_first_available_and_the_portable_one_is_always_there() {
+        let all = Isa::all_available();
+        assert_eq!(all.first(), Some(&Isa::best()));
+        assert_eq!(all.last(), Some(&Isa::Portable));
+        assert!(all.iter().all(|isa| isa.available()));
+        assert_eq!(crate::q4::accelerated(), Isa::best() != Isa::Portable);
+    }
+}
