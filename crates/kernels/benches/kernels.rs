@@ -13,7 +13,9 @@
 //! reports weight bytes read per second, multiply-adds per second, and the
 //! ratio to a plain read of the same bytes on as many threads. The layers
 //! also run 48 rows (a prompt: the outer-product path, [`q4`]'s module doc).
-//! The first line names the instruction set the kernels ran on.
+//! The first line names the instruction set the kernels ran on. Each time is
+//! the fastest pass within the measuring time, for the kernel and the plain
+//! read alike.
 //!
 //! `LMGRID_BENCH_SECONDS` (default 2) sets the measuring time per row.
 
@@ -243,14 +245,17 @@ fn on_threads(set: &[Stored], threads: usize, f: impl Fn(&Stored) + Sync) {
     });
 }
 
-/// Mean seconds per call of `f` over about `seconds`, after one warm-up call.
+/// Seconds of the fastest call of `f` over about `seconds`, after one warm-up
+/// call: the call least disturbed by whatever else the machine runs, which
+/// makes runs minutes apart comparable where the mean moved by ±30%.
 fn timed(seconds: f64, mut f: impl FnMut()) -> f64 {
     f();
     let start = Instant::now();
-    let mut calls = 0u32;
-    while start.elapsed().as_secs_f64() < seconds || calls == 0 {
+    let mut fastest = f64::INFINITY;
+    while start.elapsed().as_secs_f64() < seconds || fastest.is_infinite() {
+        let call = Instant::now();
         f();
-        calls += 1;
+        fastest = fastest.min(call.elapsed().as_secs_f64());
     }
-    start.elapsed().as_secs_f64() / f64::from(calls)
+    fastest
 }
