@@ -1,4 +1,6 @@
-//! The dot-product kernel both block formats share: `C` matrix rows at a
+//! The dot-product kernel of the 8-bit format on both instruction sets and
+//! of the 4-bit one on AVX-512 (4-bit on AVX2 has its own,
+//! `q4::avx2::tile`): `C` matrix rows at a
 //! time against `R` rows of `x`, each block of 32 weights unpacked once (by
 //! the format) into vectors (two of 16 lanes with AVX-512, four of 8 with
 //! AVX2) and multiplied-added into one of two accumulators per output, which
@@ -129,7 +131,7 @@ pub(crate) mod avx2 {
 
     /// The sum of the 8 lanes of `v`.
     #[target_feature(enable = "avx2,fma")]
-    fn sum(v: __m256) -> f32 {
+    pub(crate) fn sum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
@@ -139,7 +141,7 @@ pub(crate) mod avx2 {
     /// · W[c, k]` for `R` rows of `xs` and the matrix rows `columns`, `C` at
     /// a time. Each output has two accumulators; a block's four weight
     /// vectors go into them alternately. `R` should stay within 4 (16
-    /// registers); the AVX2 callers take `C` = 1, which measured fastest
+    /// registers); the AVX2 caller takes `C` = 1, which measured fastest
     /// at every row count (with 4 columns the layers' 1-row pass took 9–13
     /// ms instead of 6.4, the LM head's 3.1–4.0 instead of 1.6).
     ///

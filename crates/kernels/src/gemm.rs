@@ -8,8 +8,9 @@
 //! Every output is summed along K in one fixed order (the blocks' even
 //! elements, then their odd ones, block by block), whatever the number of
 //! rows: calls of [`FROM_ROWS`] rows or more give a row the same bits in any
-//! batch. The weights are the same `fl(d · q + m)` as the per-row path
-//! ([`crate::q4::tile`]); only the summation order differs from it.
+//! batch. The weights are the same `fl(d · q + m)` as the AVX-512 per-row
+//! path ([`crate::q4::tile`]), whose sums are in another order; the AVX2
+//! per-row path also factors the constants out of each block.
 
 use crate::Isa;
 use crate::q4::{BLOCK, Q4Matrix};

@@ -2,7 +2,8 @@
 //! the operator domain [`DOMAIN`].
 //!
 //! - `MatMulQ4`: a matrix product with 4-bit block-quantized weights that
-//!   computes in fp32 on exactly dequantized weights ([`q4`]). ONNX
+//!   computes in fp32 with the weights' exact values and unrounded
+//!   activations ([`q4`]). ONNX
 //!   Runtime's own `MatMulNBits` is exact only at `accuracy_level` 0, where
 //!   its fp32 path is several times slower than this kernel (AVX-512 or
 //!   AVX2, [`Isa`]); its faster paths round the activations to int8.

@@ -23,8 +23,10 @@ pub(crate) struct MatMulQ4;
 pub(crate) struct MatMulQ4Kernel {
     k: usize,
     n: usize,
-    /// The activations reordered for the kernels, reused across calls.
+    /// The activations reordered for the kernels and their block sums,
+    /// reused across calls.
     split: Vec<f32>,
+    sums: Vec<f32>,
     interleaved: Vec<f32>,
 }
 
@@ -71,6 +73,7 @@ impl Operator for MatMulQ4 {
             k,
             n,
             split: Vec::new(),
+            sums: Vec::new(),
             interleaved: Vec::new(),
         })
     }
@@ -107,7 +110,9 @@ impl Kernel for MatMulQ4Kernel {
             .map_err(|e| ort::Error::new(format!("MatMulQ4: {e}")))?;
         let isa = Isa::best();
         q4::split_blocks(x, k, &mut self.split);
-        let xs = &self.split[..];
+        q4::block_sums(&self.split, k, &mut self.sums);
+        let (xs, sums) = (&self.split[..], &self.sums[..]);
+        let per_row = q4::sums_per_row(k);
         if tokens < gemm::FROM_ROWS {
             return in_tiles(
                 ctx,
@@ -121,7 +126,8 @@ impl Kernel for MatMulQ4Kernel {
                     // `isa` is this CPU's.
                     #[allow(unsafe_code)]
                     unsafe {
-                        q4::tile(&w, &xs[first * k..], rows, out, n, columns, isa);
+                        let (xs, sums) = (&xs[first * k..], &sums[first * per_row..]);
+                        q4::tile(&w, xs, sums, rows, out, n, columns, isa);
                     }
                 },
             );
@@ -142,7 +148,17 @@ impl Kernel for MatMulQ4Kernel {
                     // `isa` is this CPU's.
                     #[allow(unsafe_code)]
                     unsafe {
-                        q4::all_rows(&w, xs, interleaved, tokens, out, columns, unpacked, isa);
+                        q4::all_rows(
+                            &w,
+                            xs,
+                            sums,
+                            interleaved,
+                            tokens,
+                            out,
+                            columns,
+                            unpacked,
+                            isa,
+                        );
                     }
                 });
             },

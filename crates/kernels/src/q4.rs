@@ -3,12 +3,15 @@
 //! minimum `m`, as the GGUF stores them, and weight `i` of the block is
 //! `d · qᵢ + m` for a nibble `qᵢ` in 0..15.
 //!
-//! Each weight is dequantized as `fl(d · q + m)`, one rounding (a fused
+//! The AVX-512 path (and the prompt path, [`gemm`], on either instruction
+//! set) dequantizes each weight as `fl(d · q + m)`, one rounding (a fused
 //! multiply-add), which is exactly the fp32 value a converter that
-//! dequantizes the same blocks ahead of time stores; the products are
-//! summed in f32. So the result is an fp32 matrix product of the
-//! dequantized weights, differing from one only in summation order, with no
-//! rounding of the activations (unlike int8 kernels).
+//! dequantizes the same blocks ahead of time stores, and sums the products
+//! in f32: an fp32 matrix product of the dequantized weights, differing
+//! from one only in summation order. The AVX2 per-row path factors each
+//! block's constants out instead, `d · Σ x·q + m · Σ x` in f32 (the same sum
+//! in exact arithmetic; two multiply-adds per block and row fewer, see
+//! [`avx2::tile`]). Neither rounds the activations (unlike int8 kernels).
 //!
 //! Nibbles are packed two per byte in the order ONNX Runtime's
 //! `MatMulNBits` uses: byte `j` of a block holds element `2j` in its low
@@ -109,6 +112,27 @@ pub fn split_blocks(x: &[f32], k: usize, out: &mut Vec<f32>) {
     debug_assert_eq!(out.len() % k, 0);
 }
 
+/// Blocks of one row of [`block_sums`]: K/32 rounded up to a multiple of 8
+/// (the AVX2 kernel reads them 8 at a time), the sums past K/32 zero.
+pub(crate) fn sums_per_row(k: usize) -> usize {
+    (k / BLOCK).next_multiple_of(8)
+}
+
+/// The sum of each block of 32 values of each row of `x` (`k` values a row),
+/// [`sums_per_row`] to a row: the AVX2 kernel multiplies them by the blocks'
+/// minimums. Each is a function of its block alone, so a row's sums do not
+/// depend on the rows beside it.
+pub fn block_sums(x: &[f32], k: usize, out: &mut Vec<f32>) {
+    let per_row = sums_per_row(k);
+    out.clear();
+    out.resize(x.len() / k * per_row, 0.0);
+    for (row, sums) in x.chunks_exact(k).zip(out.chunks_exact_mut(per_row)) {
+        for (block, sum) in row.chunks_exact(BLOCK).zip(sums.iter_mut()) {
+            *sum = block.iter().sum();
+        }
+    }
+}
+
 /// Whether this CPU runs a vector kernel (AVX-512 or AVX2, [`Isa`]);
 /// otherwise the portable one runs, which is exact too but far slower than
 /// ONNX Runtime's own 4-bit kernels.
@@ -122,18 +146,21 @@ pub fn accelerated() -> bool {
 pub const ROWS: usize = 4;
 
 /// Computes `out[r · stride + c] = Σ_k xs[r · K + k] · W[c, k]` for the
-/// `rows` (≤ [`ROWS`]) rows of `xs` (already [`split_blocks`]) and the
-/// matrix rows `columns`, on the path `isa`.
+/// `rows` (≤ [`ROWS`]) rows of `xs` (already [`split_blocks`]), whose
+/// [`block_sums`] are `sums`, and the matrix rows `columns`, on the path
+/// `isa`.
 ///
 /// # Safety
 /// `isa` must be available on this CPU; `out` must be valid for writes at
 /// `r · stride + c` for every `r < rows` and `c` in `columns`, and nothing
 /// else may access those elements during the call; `xs` must hold `rows ·
-/// K` values; `columns` must lie within `0..N`.
-#[allow(unsafe_code)]
+/// K` values and `sums` `rows ·` [`sums_per_row`]; `columns` must lie within
+/// `0..N`.
+#[allow(unsafe_code, clippy::too_many_arguments)]
 pub(crate) unsafe fn tile(
     w: &Q4Matrix<'_>,
     xs: &[f32],
+    sums: &[f32],
     rows: usize,
     out: *mut f32,
     stride: usize,
@@ -141,6 +168,7 @@ pub(crate) unsafe fn tile(
     isa: Isa,
 ) {
     debug_assert!(rows <= ROWS && xs.len() >= rows * w.k && columns.end <= w.n);
+    debug_assert!(sums.len() >= rows * sums_per_row(w.k));
     debug_assert!(isa.available());
     #[cfg(target_arch = "x86_64")]
     match isa {
@@ -158,12 +186,12 @@ pub(crate) unsafe fn tile(
         },
         // SAFETY: as above.
         Isa::Avx2 => unsafe {
-            use crate::dot::avx2::tile;
+            use avx2::tile;
             match rows {
-                1 => tile::<_, 1, 1>(w, xs, out, stride, columns),
-                2 => tile::<_, 1, 2>(w, xs, out, stride, columns),
-                3 => tile::<_, 1, 3>(w, xs, out, stride, columns),
-                _ => tile::<_, 1, 4>(w, xs, out, stride, columns),
+                1 => tile::<1>(w, xs, sums, out, stride, columns),
+                2 => tile::<2>(w, xs, sums, out, stride, columns),
+                3 => tile::<3>(w, xs, sums, out, stride, columns),
+                _ => tile::<4>(w, xs, sums, out, stride, columns),
             }
             return;
         },
@@ -187,8 +215,9 @@ pub fn matmul(w: &Q4Matrix<'_>, x: &[f32]) -> Vec<f32> {
 
 fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
     let tokens = x.len() / w.k;
-    let mut xs = Vec::new();
+    let (mut xs, mut sums) = (Vec::new(), Vec::new());
     split_blocks(&x[..tokens * w.k], w.k, &mut xs);
+    block_sums(&xs, w.k, &mut sums);
     let mut y = vec![0f32; tokens * w.n];
     let (mut interleaved, mut unpacked) = (Vec::new(), Vec::new());
     let step = if tokens >= gemm::FROM_ROWS {
@@ -206,6 +235,7 @@ fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
             all_rows(
                 w,
                 &xs,
+                &sums,
                 &interleaved,
                 tokens,
                 y.as_mut_ptr(),
@@ -221,7 +251,8 @@ fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
 /// Every row of `x` against the matrix rows `columns`: through the
 /// outer-product path ([`gemm`]) when there are [`gemm::FROM_ROWS`] rows or
 /// more and `columns` is one whole tile of it, else per group of [`ROWS`]
-/// rows. `xs` is `x` [`split_blocks`]; `interleaved` is `xs` as
+/// rows. `xs` is `x` [`split_blocks`], `sums` its [`block_sums`];
+/// `interleaved` is `xs` as
 /// [`gemm::interleave`] leaves it (read by the outer-product path only);
 /// `unpacked` is a buffer for the tile; `out` points at row 0 of the
 /// `[tokens, N]` output.
@@ -230,11 +261,13 @@ fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
 /// `isa` must be available; `out` must be valid for writes, and unaliased
 /// during the call, at rows `0..tokens` and `columns` (row stride N);
 /// `columns` must lie within `0..N`; `xs` (and `interleaved` for the
-/// outer-product path) must hold `tokens × K` values.
+/// outer-product path) must hold `tokens × K` values, `sums` `tokens ×`
+/// [`sums_per_row`].
 #[allow(unsafe_code, clippy::too_many_arguments)]
 pub(crate) unsafe fn all_rows(
     w: &Q4Matrix<'_>,
     xs: &[f32],
+    sums: &[f32],
     interleaved: &[f32],
     tokens: usize,
     out: *mut f32,
@@ -270,7 +303,17 @@ pub(crate) unsafe fn all_rows(
         // SAFETY: as above, for `columns` of rows `first..first + rows`.
         unsafe {
             let at = out.add(first * w.n);
-            tile(w, &xs[first * w.k..], rows, at, w.n, columns.clone(), isa);
+            let sums = &sums[first * sums_per_row(w.k)..];
+            tile(
+                w,
+                &xs[first * w.k..],
+                sums,
+                rows,
+                at,
+                w.n,
+                columns.clone(),
+                isa,
+            );
         }
     }
 }
@@ -381,7 +424,6 @@ pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q4Matrix};
-    use crate::dot::{Blocks, CHUNK};
 
     /// The 32 weights `fl(d · q + m)` of the block of 16 bytes at `packed`,
     /// in the order [`super::split_blocks`] lays `x` out in: the low nibbles
@@ -408,72 +450,168 @@ pub(crate) mod avx2 {
         ]
     }
 
-    /// A chunk's constants are its scales then its minimums, in f32.
-    impl Blocks<[__m256; 4]> for Q4Matrix<'_> {
-        fn k(&self) -> usize {
-            self.k
-        }
+    /// The 32 nibbles of the block of 16 bytes at `packed` as f32s, in the
+    /// order of [`block`].
+    ///
+    /// # Safety
+    /// AVX2 must be available; `packed` must point at 16 bytes.
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles(packed: *const u8) -> [__m256; 4] {
+        // SAFETY: 16 bytes at `packed` (the caller's guarantee).
+        let bytes = unsafe { _mm_loadu_si128(packed.cast()) };
+        let first = _mm256_cvtepu8_epi32(bytes);
+        let second = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(bytes));
+        let nibble = _mm256_set1_epi32(0x0F);
+        [
+            _mm256_cvtepi32_ps(_mm256_and_si256(first, nibble)),
+            _mm256_cvtepi32_ps(_mm256_and_si256(second, nibble)),
+            _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(first)),
+            _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(second)),
+        ]
+    }
 
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn constants(
-            &self,
-            row: usize,
-            b: usize,
-            count: usize,
-            scratch: &mut [f32; 2 * CHUNK],
-        ) -> *const f32 {
-            let i = row * (self.k / BLOCK) + b;
-            let (d, m) = scratch.split_at_mut(CHUNK);
-            for (from, to) in [(self.scale, d), (self.minimum, m)] {
-                // Blocks i..i + count exist (row < N, b + count ≤ K/32, the
-                // caller's guarantee). A whole chunk converts in place; a
-                // short one (the last of a row of K = 576) goes through a
-                // copy padded with zeros, by a loop of fixed length rather
-                // than a `memcpy` call.
-                let mut bits = [0u16; CHUNK];
-                let source = if count == CHUNK {
-                    from[i..i + CHUNK].as_ptr().cast::<u16>()
-                } else {
-                    for (t, bit) in bits.iter_mut().enumerate() {
-                        *bit = from
-                            .get(i + t)
-                            .filter(|_| t < count)
-                            .map_or(0, |v| v.to_bits());
+    /// Blocks whose scales and minimums [`tile`] converts to f32 at a time
+    /// (2 × 8 KiB on the stack): as many whole matrix rows as fit.
+    const CONVERTED: usize = 2048;
+
+    /// `to[i] = from[i]` as f32, 8 at a time, into memory that need not be
+    /// initialized (zeroing 16 KiB per call cost more than converting).
+    ///
+    /// # Safety
+    /// F16C must be available; `to` must hold `from.len()` values.
+    #[target_feature(enable = "avx,f16c")]
+    unsafe fn widen(from: &[half::f16], to: &mut [std::mem::MaybeUninit<f32>]) {
+        assert!(to.len() >= from.len());
+        let to = to.as_mut_ptr().cast::<f32>();
+        let whole = from.len() / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            // SAFETY: 8 values from i < whole ≤ len in both.
+            unsafe {
+                let h = _mm_loadu_si128(from.as_ptr().add(i).cast());
+                _mm256_storeu_ps(to.add(i), _mm256_cvtph_ps(h));
+            }
+        }
+        for (i, h) in from.iter().enumerate().skip(whole) {
+            // SAFETY: i < len ≤ the room in `to`.
+            unsafe { to.add(i).write(h.to_f32()) };
+        }
+    }
+
+    /// `out[r · stride + c] = Σ_k xs[r · K + k] · W[c, k]` for `R` rows of
+    /// `xs` (with their [`super::block_sums`] `sums`) and the matrix rows
+    /// `columns`, one at a time, with the minimums factored out of each
+    /// block: `Σ_i x_i (d q_i + m) = d · Σ_i x_i q_i + m · Σ_i x_i`. The
+    /// block's nibbles become f32s and meet the activations directly (a
+    /// product then three multiply-adds, a chain that does not carry from
+    /// block to block); one multiply-add by `d` folds the block into one of
+    /// two accumulators, even blocks into the first and odd ones into the
+    /// second; the minimums, 8 blocks at a time, multiply the row's block
+    /// sums into the first before any block. That is two multiply-adds per
+    /// block and row fewer than multiplying dequantized weights, and a
+    /// loop-carried chain of one multiply-add per two blocks instead of two
+    /// per block. The scales and minimums of as many matrix rows as fit in
+    /// [`CONVERTED`] are converted to f32 in one pass, so a row of 18 blocks
+    /// (K = 576) pays no per-row conversion of a ragged chunk. The order
+    /// does not depend on `R`, so a row gives the same bits in any batch.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `out` valid and unaliased at
+    /// every element written; `xs` holding R rows of K and `sums` R rows of
+    /// [`super::sums_per_row`]; `columns` within `0..N`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn tile<const R: usize>(
+        w: &Q4Matrix<'_>,
+        xs: &[f32],
+        sums: &[f32],
+        out: *mut f32,
+        stride: usize,
+        columns: std::ops::Range<usize>,
+    ) {
+        let k = w.k;
+        let blocks = k / BLOCK;
+        let per_row = super::sums_per_row(k);
+        // The last group of 8 minimums of a row, if it is short, through a
+        // masked load: lanes below blocks % 8.
+        let tail = (blocks % 8) as i32;
+        let mask = _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(tail),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        let uninit = const { std::mem::MaybeUninit::<f32>::uninit() };
+        let (mut scales, mut minimums) = ([uninit; CONVERTED], [uninit; CONVERTED]);
+        let at_once = (CONVERTED / blocks).max(1);
+        let mut start = columns.start;
+        while start < columns.end {
+            let end = (start + at_once).min(columns.end);
+            let range = start * blocks..end * blocks;
+            let len = range.len();
+            // SAFETY: F16C is available; `len` ≤ CONVERTED, and `widen`
+            // initializes the first `len` values of both, which are all that
+            // is read below.
+            let (scales, minimums) = unsafe {
+                widen(&w.scale[range.clone()], &mut scales);
+                widen(&w.minimum[range], &mut minimums);
+                (
+                    std::slice::from_raw_parts(scales.as_ptr().cast::<f32>(), len),
+                    std::slice::from_raw_parts(minimums.as_ptr().cast::<f32>(), len),
+                )
+            };
+            for c in start..end {
+                let first = (c - start) * blocks;
+                let (d, m) = (&scales[first..], &minimums[first..first + blocks]);
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                for g in (0..blocks).step_by(8) {
+                    // SAFETY: 8 minimums from g if g + 8 ≤ blocks, else the
+                    // masked lanes below blocks - g; 8 sums from g < per_row
+                    // (a multiple of 8) in each of the R rows of `sums`.
+                    unsafe {
+                        let m = if g + 8 <= blocks {
+                            _mm256_loadu_ps(m.as_ptr().add(g))
+                        } else {
+                            _mm256_maskload_ps(m.as_ptr().add(g), mask)
+                        };
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let s = _mm256_loadu_ps(sums.as_ptr().add(r * per_row + g));
+                            acc[0] = _mm256_fmadd_ps(m, s, acc[0]);
+                        }
                     }
-                    bits.as_ptr()
-                };
-                // SAFETY: `source` points at 16 fp16 values (a whole chunk of
-                // the slice, or `bits`), and `to` holds 16 f32s.
-                unsafe {
-                    let low = _mm_loadu_si128(source.cast());
-                    let high = _mm_loadu_si128(source.add(8).cast());
-                    _mm256_storeu_ps(to.as_mut_ptr(), _mm256_cvtph_ps(low));
-                    _mm256_storeu_ps(to.as_mut_ptr().add(8), _mm256_cvtph_ps(high));
+                }
+                // Blocks in pairs, so that which accumulator a block goes
+                // into is known at compile time.
+                for pair in (0..blocks).step_by(2) {
+                    for half in 0..2 {
+                        let b = pair + half;
+                        if b == blocks {
+                            break;
+                        }
+                        // SAFETY: block c · blocks + b exists (c < N, b <
+                        // K/32): 16 bytes.
+                        let q =
+                            unsafe { nibbles(w.q.as_ptr().add((c * blocks + b) * (BLOCK / 2))) };
+                        let scale = _mm256_set1_ps(d[b]);
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            // SAFETY: `xs` holds R rows of K values (the
+                            // caller's guarantee), so 32 values from `r · K +
+                            // 32b` are in it.
+                            let x = |i: usize| unsafe {
+                                _mm256_loadu_ps(xs.as_ptr().add(r * k + b * BLOCK + 8 * i))
+                            };
+                            let mut dot = _mm256_mul_ps(q[0], x(0));
+                            dot = _mm256_fmadd_ps(q[1], x(1), dot);
+                            dot = _mm256_fmadd_ps(q[2], x(2), dot);
+                            dot = _mm256_fmadd_ps(q[3], x(3), dot);
+                            acc[half] = _mm256_fmadd_ps(scale, dot, acc[half]);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let total = crate::dot::avx2::sum(_mm256_add_ps(acc[0], acc[1]));
+                    // SAFETY: in bounds and unaliased, as the caller
+                    // guarantees.
+                    unsafe { *out.add(r * stride + c) = total };
                 }
             }
-            scratch.as_ptr()
-        }
-
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn unpack(
-            &self,
-            row: usize,
-            b: usize,
-            constants: *const f32,
-            j: usize,
-        ) -> [__m256; 4] {
-            let i = row * (self.k / BLOCK) + b;
-            // SAFETY: block i exists (row < N, b < K/32, the caller's
-            // guarantee) in `q` (16 bytes), whose size `Q4Matrix::new`
-            // checked; `constants` is the scratch of 2 × 16 values that
-            // `constants` filled, and j < CHUNK.
-            unsafe {
-                block(
-                    self.q.as_ptr().add(i * (BLOCK / 2)),
-                    *constants.add(j),
-                    *constants.add(CHUNK + j),
-                )
-            }
+            start = end;
         }
     }
 }
@@ -552,8 +690,9 @@ mod tests {
     #[test]
     fn both_kernels_match_an_f64_product_for_every_row_count_and_ragged_columns() {
         // N = 67: column tiles of 4 and 2 leave a ragged end, and 3 columns past the
-        // outer-product path's tiles of 32; K = 1536 like ffn_down.
-        for (k, n) in [(64, 67), (1536, 9), (576, 96)] {
+        // outer-product path's tiles of 32; K = 1536 like ffn_down; K = 96, an odd number
+        // of blocks; N = 200 of K = 576, more blocks than the AVX2 kernel converts at once.
+        for (k, n) in [(64, 67), (1536, 9), (576, 96), (96, 35), (576, 200)] {
             let (q, scale, minimum) = matrix(k, n, 7 + k as u64);
             let w = Q4Matrix::new(k, n, &q, &scale, &minimum).unwrap();
             for tokens in [1, 2, 3, 4, 5, 9, 16, 23, 24, 33] {
