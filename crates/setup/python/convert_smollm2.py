@@ -82,6 +82,12 @@ CPU_GRAPH = "model.cpu.onnx"
 CPU_GRAPH_YAML = f"""# On AVX-512 or AVX2 CPUs the worker loads {CPU_GRAPH}: lmgrid's own exact 4-bit kernel.
 cpu_graph: {CPU_GRAPH}
 """
+# The fast variant keeps recently prefilled prompts (positions of 46,080 bytes each: 2048 are
+# ~94 MB) so that a prompt sharing a beginning with one (the default system prompt, earlier
+# turns) prefills only the rest; the fp32 reference prefills every prompt whole.
+PREFIX_CACHE_YAML = """  # Prompt positions kept for reuse by prompts that begin the same way (0: off).
+  prefix_cache_tokens: 2048
+"""
 LMGRID_DOMAIN = "ai.lmgrid"
 DESCRIPTIONS = {
     "q4": "4-bit MatMulNBits, exact Q4_1 mapping",
@@ -106,7 +112,7 @@ intra_op_threads: 2
   max_sequences: 16
   max_total_tokens: 32768
   default_max_tokens: 256
-"""
+{prefix_cache}"""
 
 
 # --- GGUF ---------------------------------------------------------------------------------
@@ -764,6 +770,7 @@ def config_yaml(gguf, variant):
         padding=PADDING[variant],
         kv_cache=KV_CACHE[variant],
         cpu_graph=CPU_GRAPH_YAML if variant == "q4" else "",
+        prefix_cache=PREFIX_CACHE_YAML if variant == "q4" else "",
         positions=", position_ids" if variant == "fp32" else "",
         layers=gguf.layers,
         context_length=gguf.context_length,

@@ -11,7 +11,11 @@
 //!   calls, each restarted as soon as it ends, for the measuring time;
 //!   tokens/s counts every streamed token, time to first token is from the
 //!   call to its first token. A `kv_cache: shared` model is served twice: as
-//!   converted, and with `kv_cache: copy`.
+//!   converted, and with `kv_cache: copy`; a model whose config turns the
+//!   prefix cache on (`prefix_cache_tokens`) is also served without it. Every
+//!   stream sends the same prompt, so with the cache a request after the
+//!   first runs no prefill at all, and without it every prompt is prefilled
+//!   whole: the best and the worst case for the cache.
 //!
 //! A variant whose `config.yaml` names a `cpu_graph` (the 4-bit one: lmgrid's
 //! own kernels) runs the raw loop over both graphs, and the worker serves it
@@ -60,6 +64,9 @@ struct Row {
     /// The raw decode loop, else the worker.
     raw: bool,
     cache: Cache,
+    /// Worker rows: whether the worker's prefix cache was off although the
+    /// converted config turns it on.
+    no_prefix_cache: bool,
     streams: usize,
     tokens_per_s: f64,
     ttft_p50_ms: f64,
@@ -170,17 +177,31 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     for variant in &variants {
         let graphs = graphs(variant);
-        // As converted first (its memory and drift are reported), then the copied cache,
-        // then model.onnx where the converter wrote a CPU graph too.
-        let mut served: Vec<(String, Cache)> = Vec::new();
+        // As converted first (its memory and drift are reported), then without the prefix
+        // cache where the converter turns it on (every prompt prefilled whole: the streams
+        // all send one prompt, which the cache serves whole after the first time), then the
+        // copied cache, then model.onnx where the converter wrote a CPU graph too.
+        let converted = std::fs::read_to_string(models.join(variant).join("config.yaml"))?;
+        let prefix_cache = converted
+            .lines()
+            .any(|l| l.trim_start().starts_with("prefix_cache_tokens:"));
+        let mut served: Vec<(String, Cache, bool)> = Vec::new();
         if shared(variant) {
-            served.push((graphs[0].clone(), Cache::InPlace));
+            served.push((graphs[0].clone(), Cache::InPlace, false));
         }
-        served.push((graphs[0].clone(), Cache::Copied));
+        let first = if shared(variant) {
+            Cache::InPlace
+        } else {
+            Cache::Copied
+        };
+        if prefix_cache {
+            served.push((graphs[0].clone(), first, true));
+        }
+        served.push((graphs[0].clone(), Cache::Copied, false));
         if graphs.len() > 1 {
-            served.push(("model.onnx".to_string(), served[0].1));
+            served.push(("model.onnx".to_string(), first, false));
         }
-        for (index, (graph, cache)) in served.iter().cloned().enumerate() {
+        for (index, (graph, cache, no_prefix_cache)) in served.iter().cloned().enumerate() {
             // A repository holding just this variant, so memory is its own; the copied
             // cache of a shared model through its config.
             let repo = tempfile::tempdir()?;
@@ -192,20 +213,18 @@ fn main() -> anyhow::Result<()> {
                     std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name()))?;
                 }
             }
-            let config = std::fs::read_to_string(models.join(variant).join("config.yaml"))?;
             let config = match cache {
-                Cache::InPlace => config,
-                Cache::Copied => config.replace("kv_cache: shared", "kv_cache: copy"),
+                Cache::InPlace => converted.clone(),
+                Cache::Copied => converted.replace("kv_cache: shared", "kv_cache: copy"),
             };
-            let config = if graph == "model.onnx" {
-                config
-                    .lines()
-                    .filter(|l| !l.starts_with("cpu_graph:"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            } else {
-                config
-            };
+            let config = config
+                .lines()
+                .filter(|l| !(graph == "model.onnx" && l.starts_with("cpu_graph:")))
+                .filter(|l| {
+                    !(no_prefix_cache && l.trim_start().starts_with("prefix_cache_tokens:"))
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
             std::fs::write(dir.join("config.yaml"), config)?;
             let before = memory_mib().0;
             tokio.block_on(async {
@@ -226,6 +245,7 @@ fn main() -> anyhow::Result<()> {
                     let mut row =
                         worker_row(&channel, variant, cache, streams, tokens, measure).await?;
                     row.graph = graph.clone();
+                    row.no_prefix_cache = no_prefix_cache;
                     rows.push(row);
                 }
                 if index == 0 {
@@ -250,6 +270,7 @@ fn main() -> anyhow::Result<()> {
                     && r.graph == row.graph
                     && r.raw == row.raw
                     && r.cache == row.cache
+                    && r.no_prefix_cache == row.no_prefix_cache
                     && r.streams == 1
             })
             .map_or(f64::NAN, |r| row.tokens_per_s / r.tokens_per_s);
@@ -268,6 +289,11 @@ fn main() -> anyhow::Result<()> {
             (true, Cache::InPlace) => "raw ONNX Runtime, cache in place",
             (false, Cache::Copied) => "worker (GenerateStream), cache copied",
             (false, Cache::InPlace) => "worker (GenerateStream), cache in place",
+        };
+        let case = if row.no_prefix_cache {
+            format!("{case}, prefix cache off")
+        } else {
+            case.to_string()
         };
         println!(
             "| {} | {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {} | {} | {} |",
@@ -346,6 +372,7 @@ fn raw_row(
         graph: String::new(),
         raw: true,
         cache,
+        no_prefix_cache: false,
         streams: width,
         tokens_per_s: generated as f64 / elapsed,
         ttft_p50_ms: percentile_ms(&ttfts, 0.5),
@@ -695,6 +722,7 @@ async fn worker_row(
         graph: String::new(),
         raw: false,
         cache,
+        no_prefix_cache: false,
         streams,
         tokens_per_s: generated as f64 / elapsed,
         ttft_p50_ms: percentile_ms(&ttfts, 0.5),

@@ -163,7 +163,14 @@ static GEN_KV_POSITIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 static GEN_PROMPT_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "lmgrid_worker_prompt_tokens_total",
-        "Prompt tokens prefilled.",
+        "Prompt tokens of admitted requests, prefilled or taken from the prefix cache.",
+        LABELS,
+    )
+});
+static GEN_PREFIX_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "lmgrid_worker_prefix_cache_tokens_total",
+        "Prompt tokens taken from the prefix cache instead of prefilled.",
         LABELS,
     )
 });
@@ -224,6 +231,7 @@ pub(crate) struct GenerationMetrics {
     pub(crate) waiting: IntGauge,
     pub(crate) kv_positions: IntGauge,
     pub(crate) prompt_tokens: IntCounter,
+    pub(crate) prefix_cache_tokens: IntCounter,
     pub(crate) generated_tokens: IntCounter,
     pub(crate) cancelled: IntCounter,
     pub(crate) time_to_first_token: Histogram,
@@ -241,6 +249,7 @@ impl GenerationMetrics {
             waiting: GEN_WAITING.with_label_values(&labels),
             kv_positions: GEN_KV_POSITIONS.with_label_values(&labels),
             prompt_tokens: GEN_PROMPT_TOKENS.with_label_values(&labels),
+            prefix_cache_tokens: GEN_PREFIX_TOKENS.with_label_values(&labels),
             generated_tokens: GEN_TOKENS.with_label_values(&labels),
             cancelled: GEN_CANCELLED.with_label_values(&labels),
             time_to_first_token: GEN_TTFT.with_label_values(&labels),

@@ -167,6 +167,9 @@ pub struct GenerationConfig {
     /// Prompt tokens run per forward pass and prefilled between two decode
     /// steps; a longer prompt goes on over several turns.
     pub prefill_chunk_tokens: usize,
+    /// Positions of recently prefilled prompts kept so that a prompt sharing
+    /// a beginning with one of them prefills only the rest (0: off).
+    pub prefix_cache_tokens: usize,
 }
 
 impl Default for GenerationConfig {
@@ -184,6 +187,7 @@ impl Default for GenerationConfig {
             default_max_tokens: 256,
             max_queue_size: 256,
             prefill_chunk_tokens: 1024,
+            prefix_cache_tokens: 0,
         }
     }
 }

@@ -219,6 +219,38 @@ impl Kv {
         })
     }
 
+    /// A copy of the first `len` positions of this one-row cache, which the
+    /// graph copied (no padding: capacity = width), as a one-row cache of
+    /// `len` positions.
+    pub(crate) fn head(&self, spec: &DecoderSpec, len: usize) -> Result<Kv, EngineError> {
+        if self.rows != 1 || self.capacity != self.width || len > self.width {
+            return Err(EngineError::Run(format!(
+                "the first {len} positions of a cache of {} rows, {} of {} columns used",
+                self.rows, self.width, self.capacity
+            )));
+        }
+        let (h, d) = (spec.kv_heads, spec.head_dim);
+        let values = self
+            .values
+            .iter()
+            .map(|value| {
+                let (_, data) = value.try_extract_tensor::<f32>().map_err(run_error)?;
+                let mut out = Vec::with_capacity(h * len * d);
+                for head in 0..h {
+                    let from = head * self.capacity * d;
+                    out.extend_from_slice(&data[from..from + len * d]);
+                }
+                tensor(vec![1, h, len, d], out)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Kv {
+            values,
+            rows: 1,
+            width: len,
+            capacity: len,
+        })
+    }
+
     /// An empty cache (no positions) for `rows` rows, copied by the graph.
     pub(crate) fn empty(spec: &DecoderSpec, rows: usize) -> Result<Kv, EngineError> {
         let values = (0..spec.past.len())

@@ -10,6 +10,7 @@
 //! request; dropping the receiver cancels the request at the next step.
 
 mod decoder;
+mod prefix;
 mod sampling;
 mod scheduler;
 pub(crate) mod service;

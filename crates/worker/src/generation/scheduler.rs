@@ -22,6 +22,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::decoder::{Decoder, Kv, RowSource, StepInput};
+use super::prefix::{Entry, PrefixCache};
 use super::sampling::Sampler;
 use super::text::{Detokenizer, StopMatcher};
 use super::{Event, Finish, Occupancy, Submission};
@@ -33,6 +34,12 @@ use crate::repository::{GenerationConfig, KvCache, Padding};
 /// cache must be copied into a wider one, and memory held stays near what
 /// the rows use rather than what they reserve.
 const SHARED_HEADROOM: usize = 128;
+
+/// Fewest tokens a prompt must share with a cached one to start its prefill
+/// from that cache (the same prompt always does): fewer save little, and a
+/// prompt prefilled from scratch computes its first tokens in the same pass
+/// as the rest.
+const MIN_SHARED: usize = 16;
 
 /// One completion being decoded.
 #[derive(Debug)]
@@ -74,6 +81,8 @@ struct Prefill {
     logits: Vec<f32>,
     /// Time spent running its chunks.
     busy: std::time::Duration,
+    /// Whether the prefix cache holds this very prompt already.
+    cached: bool,
 }
 
 pub(super) struct Scheduler {
@@ -91,6 +100,8 @@ pub(super) struct Scheduler {
     kv: Option<Kv>,
     /// Rows left since the cache was last rebuilt.
     dirty: bool,
+    /// Recently prefilled prompts: each one's cache and last logits.
+    prefixes: PrefixCache<(Kv, Vec<f32>)>,
 }
 
 impl Scheduler {
@@ -102,6 +113,7 @@ impl Scheduler {
         metrics: GenerationMetrics,
     ) -> Self {
         Scheduler {
+            prefixes: PrefixCache::new(config.prefix_cache_tokens),
             decoder,
             config,
             tokenizer,
@@ -267,16 +279,10 @@ impl Scheduler {
                         break;
                     };
                     self.dequeued();
-                    match Kv::empty(&self.decoder.spec, 1) {
-                        Ok(kv) => Prefill {
-                            submission,
-                            kv,
-                            done: 0,
-                            logits: Vec::new(),
-                            busy: std::time::Duration::ZERO,
-                        },
-                        Err(e) => {
-                            prefill_failed(&submission.events, &e);
+                    match self.start(submission) {
+                        Ok(prefill) => prefill,
+                        Err((events, e)) => {
+                            prefill_failed(&events, &e);
                             continue;
                         }
                     }
@@ -295,6 +301,53 @@ impl Scheduler {
         joiners
     }
 
+    /// A new prefill over what the prefix cache has of its prompt: for the
+    /// same prompt, the entry's cache and last logits (nothing left to run);
+    /// for a shared beginning of at least [`MIN_SHARED`] tokens, a copy of
+    /// the entry's cache of it (at most all but the prompt's last token,
+    /// whose logits must be computed); else an empty cache.
+    #[allow(clippy::result_large_err)]
+    fn start(
+        &mut self,
+        submission: Submission,
+    ) -> Result<Prefill, (UnboundedSender<Event>, crate::engine::EngineError)> {
+        let prompt = &submission.request.prompt;
+        let mut reused = None;
+        if let Some((common, entry)) = self.prefixes.lookup(prompt) {
+            let (kv, logits) = &entry.value;
+            let same = common == prompt.len() && entry.tokens.len() == prompt.len();
+            let done = if same {
+                common
+            } else {
+                common.min(prompt.len().saturating_sub(1))
+            };
+            if same || done >= MIN_SHARED {
+                match kv.head(&self.decoder.spec, done) {
+                    Ok(kv) => reused = Some((kv, done, same.then(|| logits.clone()))),
+                    Err(e) => tracing::warn!(error = %e, "prefix cache entry not reused"),
+                }
+            }
+        }
+        let (kv, done, logits) = match reused {
+            Some((kv, done, logits)) => {
+                self.metrics.prefix_cache_tokens.inc_by(done as u64);
+                (kv, done, logits)
+            }
+            None => match Kv::empty(&self.decoder.spec, 1) {
+                Ok(kv) => (kv, 0, None),
+                Err(e) => return Err((submission.events.clone(), e)),
+            },
+        };
+        Ok(Prefill {
+            submission,
+            kv,
+            done,
+            cached: logits.is_some(),
+            logits: logits.unwrap_or_default(),
+            busy: std::time::Duration::ZERO,
+        })
+    }
+
     /// Runs chunks of a prompt through the model while `budget` covers them, and
     /// once the whole prompt is in, samples each of its completions' first
     /// token (`Done(None)` when every completion already ended).
@@ -305,8 +358,9 @@ impl Scheduler {
     ) -> Result<Progress, (UnboundedSender<Event>, crate::engine::EngineError)> {
         let prompt_len = prefill.submission.request.prompt.len();
         let chunk = self.config.prefill_chunk_tokens.max(1);
-        // Chunks always start at multiples of `chunk`, however the turns fall,
-        // so a prompt's prefill computes the same whatever else is running.
+        // Chunks start at multiples of `chunk` past what the prefix cache gave
+        // (none, or the same for the same cache), however the turns fall, so a
+        // prompt's prefill computes the same whatever else is running.
         while prefill.done < prompt_len {
             let (start, end) = (prefill.done, (prefill.done + chunk).min(prompt_len));
             if end - start > *budget {
@@ -347,8 +401,18 @@ impl Scheduler {
             kv,
             logits,
             busy,
+            cached,
             ..
         } = prefill;
+        if self.prefixes.enabled() && !cached {
+            match kv.head(&self.decoder.spec, prompt_len) {
+                Ok(copy) => self.prefixes.insert(Entry {
+                    tokens: request.prompt.clone(),
+                    value: (copy, logits.clone()),
+                }),
+                Err(e) => tracing::warn!(error = %e, "prompt not kept in the prefix cache"),
+            }
+        }
         self.metrics.prefill_seconds.observe(busy.as_secs_f64());
         self.metrics.prompt_tokens.inc_by(prompt_len as u64);
         self.metrics

@@ -342,7 +342,11 @@ async fn joining_sequences_decode_as_alone(variant: &str) -> anyhow::Result<()> 
 /// for the whole prefill; and the long prompt gets the answer it gets alone.
 #[tokio::test]
 async fn a_long_prefill_does_not_stall_running_streams() -> anyhow::Result<()> {
-    let config = config_with(FAST, &[("prefill_chunk_tokens", "8")]);
+    // The prefix cache off: the long prompt runs twice, and must be prefilled both times.
+    let config = config_with(
+        FAST,
+        &[("prefill_chunk_tokens", "8"), ("prefix_cache_tokens", "0")],
+    );
     let worker = TestWorker::start(smollm_repo(FAST, "smollm-chunks", Some(&config))?).await?;
     let mut client = client(&worker).await?;
     let long_text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
@@ -606,6 +610,58 @@ async fn bad_requests_name_their_problem() -> anyhow::Result<()> {
     // The default max_tokens fits what the context leaves.
     let fits = call(prompt("smollm-bad", "Hello", 0)).await?;
     assert!(only(&fits).token_ids.len() <= 16);
+    worker.stop().await?;
+    Ok(())
+}
+
+/// The 4-bit model keeps recently prefilled prompts (`prefix_cache_tokens` in its converted
+/// config): a prompt sharing the chat template's system prompt with an earlier one prefills
+/// only the rest, the same prompt again runs nothing before its first token, and either way
+/// the tokens are those of the same model without the cache.
+#[tokio::test]
+async fn prompts_beginning_like_earlier_ones_reuse_their_cache() -> anyhow::Result<()> {
+    const REUSED: &str = "lmgrid_worker_prefix_cache_tokens_total";
+    let source = cached_model(FAST, "generation");
+    let converted = std::fs::read_to_string(source.join("config.yaml"))?;
+    assert!(
+        converted.contains("prefix_cache_tokens: 2048"),
+        "the converter turns the prefix cache on: {converted}"
+    );
+    let cold = config_with(FAST, &[("prefix_cache_tokens", "0")]);
+    let repo = Repo::new()?
+        .linked(&source, "prefix-cached", None)?
+        .linked(&source, "prefix-cold", Some(&cold))?;
+    let worker = TestWorker::start(repo).await?;
+    let mut client = client(&worker).await?;
+    let questions = [
+        "What is the capital of France?",
+        "Name three colours.",
+        "What is the capital of France?",
+    ];
+    let mut before = 0;
+    for (i, question) in questions.into_iter().enumerate() {
+        let warm = generate(&mut client, chat("prefix-cached", question, 16)).await?;
+        let cold = generate(&mut client, chat("prefix-cold", question, 16)).await?;
+        assert_eq!(
+            only(&warm).token_ids,
+            only(&cold).token_ids,
+            "{question}: {:?} vs {:?}",
+            only(&warm).text,
+            only(&cold).text
+        );
+        let prompt_tokens = u64::from(warm.usage.context("usage")?.prompt_tokens);
+        let reused = metric(REUSED, "prefix-cached") as u64 - before;
+        match i {
+            0 => assert_eq!(reused, 0, "nothing cached yet"),
+            1 => assert!(
+                (16..prompt_tokens).contains(&reused),
+                "the system prompt is shared: {reused} of {prompt_tokens}"
+            ),
+            _ => assert_eq!(reused, prompt_tokens, "the same prompt again"),
+        }
+        before += reused;
+    }
+    assert_eq!(metric(REUSED, "prefix-cold"), 0.0);
     worker.stop().await?;
     Ok(())
 }
