@@ -160,6 +160,12 @@ static GEN_KV_POSITIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         "Token positions allocated in the KV cache (rows × columns, padding and in-place headroom included).",
     )
 });
+static GEN_PREFIX_POSITIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "lmgrid_worker_generation_prefix_cache_positions",
+        "Token positions the prefix cache holds (within prefix_cache_tokens).",
+    )
+});
 static GEN_PROMPT_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "lmgrid_worker_prompt_tokens_total",
@@ -230,6 +236,7 @@ pub(crate) struct GenerationMetrics {
     pub(crate) running: IntGauge,
     pub(crate) waiting: IntGauge,
     pub(crate) kv_positions: IntGauge,
+    pub(crate) prefix_positions: IntGauge,
     pub(crate) prompt_tokens: IntCounter,
     pub(crate) prefix_cache_tokens: IntCounter,
     pub(crate) generated_tokens: IntCounter,
@@ -248,6 +255,7 @@ impl GenerationMetrics {
             running: GEN_RUNNING.with_label_values(&labels),
             waiting: GEN_WAITING.with_label_values(&labels),
             kv_positions: GEN_KV_POSITIONS.with_label_values(&labels),
+            prefix_positions: GEN_PREFIX_POSITIONS.with_label_values(&labels),
             prompt_tokens: GEN_PROMPT_TOKENS.with_label_values(&labels),
             prefix_cache_tokens: GEN_PREFIX_TOKENS.with_label_values(&labels),
             generated_tokens: GEN_TOKENS.with_label_values(&labels),

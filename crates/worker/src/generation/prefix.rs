@@ -46,7 +46,6 @@ impl<T> PrefixCache<T> {
     }
 
     /// Positions held.
-    #[cfg(test)]
     pub(super) fn held(&self) -> usize {
         self.held
     }

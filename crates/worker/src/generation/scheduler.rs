@@ -176,6 +176,9 @@ impl Scheduler {
         self.metrics
             .kv_positions
             .set(self.kv.as_ref().map_or(0, |kv| kv.rows * kv.capacity) as i64);
+        self.metrics
+            .prefix_positions
+            .set(self.prefixes.held() as i64);
     }
 
     /// A submission leaves the queue (admitted or dropped).

@@ -662,6 +662,19 @@ async fn prompts_beginning_like_earlier_ones_reuse_their_cache() -> anyhow::Resu
         before += reused;
     }
     assert_eq!(metric(REUSED, "prefix-cold"), 0.0);
+    // Two different prompts kept (the third was the first again), none by the cold model.
+    let held = metric(
+        "lmgrid_worker_generation_prefix_cache_positions",
+        "prefix-cached",
+    );
+    assert!(held > 32.0 && held <= 2048.0, "{held} positions kept");
+    assert_eq!(
+        metric(
+            "lmgrid_worker_generation_prefix_cache_positions",
+            "prefix-cold"
+        ),
+        0.0
+    );
     worker.stop().await?;
     Ok(())
 }
