@@ -19,6 +19,9 @@ use std::collections::VecDeque;
 pub(super) struct Entry<T> {
     pub tokens: Vec<u32>,
     pub value: T,
+    /// Positions it counts against the budget: its tokens, and what else it
+    /// holds (the logits) in positions' worth of memory.
+    pub cost: usize,
 }
 
 /// Recently prefilled prompts within a budget of positions.
@@ -45,7 +48,7 @@ impl<T> PrefixCache<T> {
         self.budget > 0
     }
 
-    /// Positions held.
+    /// Positions held (each entry's cost).
     pub(super) fn held(&self) -> usize {
         self.held
     }
@@ -70,29 +73,29 @@ impl<T> PrefixCache<T> {
     /// Keeps a prompt's prefill, as the most recently used entry, evicting
     /// the least recently used ones until it fits. Entries it extends (their
     /// tokens a beginning of its own) leave: it serves every prompt they
-    /// would. A prompt longer than the whole budget is not kept.
+    /// would. An entry costing more than the whole budget is not kept.
     pub(super) fn insert(&mut self, entry: Entry<T>) {
-        let len = entry.tokens.len();
-        if len == 0 || len > self.budget {
+        let cost = entry.cost.max(entry.tokens.len());
+        if entry.tokens.is_empty() || cost > self.budget {
             return;
         }
         let mut freed = 0;
         self.entries.retain(|e| {
             let covered = entry.tokens.starts_with(&e.tokens);
             if covered {
-                freed += e.tokens.len();
+                freed += e.cost;
             }
             !covered
         });
         self.held -= freed;
-        while self.held + len > self.budget {
+        while self.held + cost > self.budget {
             let Some(old) = self.entries.pop_front() else {
                 break;
             };
-            self.held -= old.tokens.len();
+            self.held -= old.cost;
         }
-        self.held += len;
-        self.entries.push_back(entry);
+        self.held += cost;
+        self.entries.push_back(Entry { cost, ..entry });
     }
 
     /// Whether some entry holds exactly `prompt`.
@@ -115,6 +118,7 @@ mod tests {
         Entry {
             tokens: tokens.to_vec(),
             value: (),
+            cost: tokens.len(),
         }
     }
 
@@ -160,6 +164,23 @@ mod tests {
         // The same prompt again replaces itself.
         cache.insert(entry(&[1, 2, 3]));
         assert_eq!(cache.held(), 5);
+    }
+
+    #[test]
+    fn an_entry_counts_what_it_holds_besides_its_tokens() {
+        let mut cache = PrefixCache::new(10);
+        let costly = |tokens: &[u32]| Entry {
+            cost: tokens.len() + 4,
+            ..entry(tokens)
+        };
+        cache.insert(costly(&[1, 2]));
+        cache.insert(costly(&[3]));
+        // 6 + 5 is over the budget: the first goes.
+        assert_eq!(cache.held(), 5);
+        assert!(cache.holds(&[3]) && !cache.holds(&[1, 2]));
+        // Costing more than the budget: not kept.
+        cache.insert(costly(&[7; 7]));
+        assert!(!cache.holds(&[7; 7]));
     }
 
     #[test]

@@ -408,10 +408,14 @@ impl Scheduler {
             ..
         } = prefill;
         if self.prefixes.enabled() && !cached {
+            // The logits count too, as the positions their bytes would fill.
+            let per_position = self.decoder.spec.bytes_per_token().max(1);
+            let logits_cost = (logits.len() * std::mem::size_of::<f32>()).div_ceil(per_position);
             match kv.head(&self.decoder.spec, prompt_len) {
                 Ok(copy) => self.prefixes.insert(Entry {
                     tokens: request.prompt.clone(),
                     value: (copy, logits.clone()),
+                    cost: prompt_len + logits_cost,
                 }),
                 Err(e) => tracing::warn!(error = %e, "prompt not kept in the prefix cache"),
             }
