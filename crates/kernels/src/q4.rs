@@ -470,31 +470,24 @@ pub(crate) mod avx2 {
         ]
     }
 
-    /// Blocks whose scales and minimums [`tile`] converts to f32 at a time
-    /// (2 × 8 KiB on the stack): as many whole matrix rows as fit.
-    const CONVERTED: usize = 2048;
-
-    /// `to[i] = from[i]` as f32, 8 at a time, into memory that need not be
-    /// initialized (zeroing 16 KiB per call cost more than converting).
+    /// 8 fp16 values from `at` of `values` as f32s: a plain load while 8 are
+    /// there (lanes past a matrix row's blocks then hold the next row's,
+    /// which the caller ignores), else through a copy padded with zeros.
     ///
     /// # Safety
-    /// F16C must be available; `to` must hold `from.len()` values.
+    /// F16C must be available; `at < values.len()`.
     #[target_feature(enable = "avx,f16c")]
-    unsafe fn widen(from: &[half::f16], to: &mut [std::mem::MaybeUninit<f32>]) {
-        assert!(to.len() >= from.len());
-        let to = to.as_mut_ptr().cast::<f32>();
-        let whole = from.len() / 8 * 8;
-        for i in (0..whole).step_by(8) {
-            // SAFETY: 8 values from i < whole ≤ len in both.
-            unsafe {
-                let h = _mm_loadu_si128(from.as_ptr().add(i).cast());
-                _mm256_storeu_ps(to.add(i), _mm256_cvtph_ps(h));
-            }
+    unsafe fn eight(values: &[half::f16], at: usize) -> __m256 {
+        if at + 8 <= values.len() {
+            // SAFETY: 8 values from `at` are in the slice.
+            return unsafe { _mm256_cvtph_ps(_mm_loadu_si128(values.as_ptr().add(at).cast())) };
         }
-        for (i, h) in from.iter().enumerate().skip(whole) {
-            // SAFETY: i < len ≤ the room in `to`.
-            unsafe { to.add(i).write(h.to_f32()) };
+        let mut bits = [0u16; 8];
+        for (bit, value) in bits.iter_mut().zip(&values[at..]) {
+            *bit = value.to_bits();
         }
+        // SAFETY: `bits` holds 8 values.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast())) }
     }
 
     /// `out[r · stride + c] = Σ_k xs[r · K + k] · W[c, k]` for `R` rows of
@@ -505,14 +498,14 @@ pub(crate) mod avx2 {
     /// product then three multiply-adds, a chain that does not carry from
     /// block to block); one multiply-add by `d` folds the block into one of
     /// two accumulators, even blocks into the first and odd ones into the
-    /// second; the minimums, 8 blocks at a time, multiply the row's block
-    /// sums into the first before any block. That is two multiply-adds per
-    /// block and row fewer than multiplying dequantized weights, and a
-    /// loop-carried chain of one multiply-add per two blocks instead of two
-    /// per block. The scales and minimums of as many matrix rows as fit in
-    /// [`CONVERTED`] are converted to f32 in one pass, so a row of 18 blocks
-    /// (K = 576) pays no per-row conversion of a ragged chunk. The order
-    /// does not depend on `R`, so a row gives the same bits in any batch.
+    /// second. Blocks go 8 at a time: their scales and minimums converted by
+    /// one `vcvtph2ps` each (a short last group reads past the matrix row's
+    /// blocks, into the next row's, and masks those lanes off), the
+    /// minimums times the row's block sums into the first accumulator, then
+    /// the 8 blocks. That is two multiply-adds per block and row fewer than
+    /// multiplying dequantized weights, and a loop-carried chain of one
+    /// multiply-add per two blocks instead of two per block. The order does
+    /// not depend on `R`, so a row gives the same bits in any batch.
     ///
     /// # Safety
     /// AVX2, FMA and F16C must be available; `out` valid and unaliased at
@@ -530,65 +523,49 @@ pub(crate) mod avx2 {
         let k = w.k;
         let blocks = k / BLOCK;
         let per_row = super::sums_per_row(k);
-        // The last group of 8 minimums of a row, if it is short, through a
-        // masked load: lanes below blocks % 8.
+        // The lanes of a row's last group of 8 blocks, if it is short: below
+        // blocks % 8.
         let tail = (blocks % 8) as i32;
         let mask = _mm256_cmpgt_epi32(
             _mm256_set1_epi32(tail),
             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
         );
-        let uninit = const { std::mem::MaybeUninit::<f32>::uninit() };
-        let (mut scales, mut minimums) = ([uninit; CONVERTED], [uninit; CONVERTED]);
-        let at_once = (CONVERTED / blocks).max(1);
-        let mut start = columns.start;
-        while start < columns.end {
-            let end = (start + at_once).min(columns.end);
-            let range = start * blocks..end * blocks;
-            let len = range.len();
-            // SAFETY: F16C is available; `len` ≤ CONVERTED, and `widen`
-            // initializes the first `len` values of both, which are all that
-            // is read below.
-            let (scales, minimums) = unsafe {
-                widen(&w.scale[range.clone()], &mut scales);
-                widen(&w.minimum[range], &mut minimums);
-                (
-                    std::slice::from_raw_parts(scales.as_ptr().cast::<f32>(), len),
-                    std::slice::from_raw_parts(minimums.as_ptr().cast::<f32>(), len),
-                )
-            };
-            for c in start..end {
-                let first = (c - start) * blocks;
-                let (d, m) = (&scales[first..], &minimums[first..first + blocks]);
-                let mut acc = [[_mm256_setzero_ps(); 2]; R];
-                for g in (0..blocks).step_by(8) {
-                    // SAFETY: 8 minimums from g if g + 8 ≤ blocks, else the
-                    // masked lanes below blocks - g; 8 sums from g < per_row
-                    // (a multiple of 8) in each of the R rows of `sums`.
-                    unsafe {
-                        let m = if g + 8 <= blocks {
-                            _mm256_loadu_ps(m.as_ptr().add(g))
-                        } else {
-                            _mm256_maskload_ps(m.as_ptr().add(g), mask)
-                        };
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let s = _mm256_loadu_ps(sums.as_ptr().add(r * per_row + g));
-                            acc[0] = _mm256_fmadd_ps(m, s, acc[0]);
-                        }
-                    }
+        for c in columns {
+            let base = c * blocks;
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for g in (0..blocks).step_by(8) {
+                let n = (blocks - g).min(8);
+                // SAFETY: block base + g exists (c < N, g < K/32); F16C is
+                // available.
+                let (d, m) = unsafe { (eight(w.scale, base + g), eight(w.minimum, base + g)) };
+                // The minimums of this row's blocks only.
+                let m = if n < 8 {
+                    _mm256_and_ps(m, _mm256_castsi256_ps(mask))
+                } else {
+                    m
+                };
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: 8 sums from g < per_row (a multiple of 8) in
+                    // each of the R rows of `sums`.
+                    let s = unsafe { _mm256_loadu_ps(sums.as_ptr().add(r * per_row + g)) };
+                    acc[0] = _mm256_fmadd_ps(m, s, acc[0]);
                 }
+                let mut scales = [0f32; 8];
+                // SAFETY: `scales` holds 8 values.
+                unsafe { _mm256_storeu_ps(scales.as_mut_ptr(), d) };
                 // Blocks in pairs, so that which accumulator a block goes
-                // into is known at compile time.
-                for pair in (0..blocks).step_by(2) {
+                // into is known at compile time (g is even).
+                for pair in (0..n).step_by(2) {
                     for half in 0..2 {
-                        let b = pair + half;
-                        if b == blocks {
+                        let j = pair + half;
+                        if j == n {
                             break;
                         }
-                        // SAFETY: block c · blocks + b exists (c < N, b <
-                        // K/32): 16 bytes.
-                        let q =
-                            unsafe { nibbles(w.q.as_ptr().add((c * blocks + b) * (BLOCK / 2))) };
-                        let scale = _mm256_set1_ps(d[b]);
+                        let b = g + j;
+                        // SAFETY: block base + b exists (c < N, b < K/32): 16
+                        // bytes.
+                        let q = unsafe { nibbles(w.q.as_ptr().add((base + b) * (BLOCK / 2))) };
+                        let scale = _mm256_set1_ps(scales[j]);
                         for (r, acc) in acc.iter_mut().enumerate() {
                             // SAFETY: `xs` holds R rows of K values (the
                             // caller's guarantee), so 32 values from `r · K +
@@ -604,14 +581,12 @@ pub(crate) mod avx2 {
                         }
                     }
                 }
-                for (r, acc) in acc.iter().enumerate() {
-                    let total = crate::dot::avx2::sum(_mm256_add_ps(acc[0], acc[1]));
-                    // SAFETY: in bounds and unaliased, as the caller
-                    // guarantees.
-                    unsafe { *out.add(r * stride + c) = total };
-                }
             }
-            start = end;
+            for (r, acc) in acc.iter().enumerate() {
+                let total = crate::dot::avx2::sum(_mm256_add_ps(acc[0], acc[1]));
+                // SAFETY: in bounds and unaliased, as the caller guarantees.
+                unsafe { *out.add(r * stride + c) = total };
+            }
         }
     }
 }
