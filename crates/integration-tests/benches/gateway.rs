@@ -17,8 +17,10 @@
 //! allow; the CPU columns tell the two apart. Last, the same two gRPC paths call a model
 //! whose compute is of the order of a real one's (an MLP, 512 → 2048 × 2 → 512: 6.3 M
 //! weights, about a millisecond a request here), where the hop is a small part of a
-//! request's cost. `LMGRID_BENCH_SECONDS` sets the time per row (default 3 s, after 0.3 s
-//! of warm-up).
+//! request's cost. Last, the deployed shape: the gateway's threads alone on one core, the
+//! clients' and the worker's on the other, on a second worker and gateway whose runtimes
+//! have one thread each (as tokio sizes itself in a pod limited to one CPU).
+//! `LMGRID_BENCH_SECONDS` sets the time per row (default 3 s, after 0.3 s of warm-up).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -92,49 +94,11 @@ fn main() -> anyhow::Result<()> {
         cpus()
     );
 
-    let runtime = |name: &'static str| {
-        tokio::runtime::Builder::new_multi_thread()
-            .thread_name(name)
-            .enable_all()
-            .build()
-    };
-    let (clients, gateways, workers) = (runtime(CLIENT)?, runtime(GATEWAY)?, runtime(WORKER)?);
-    let shutdown = CancellationToken::new();
-    let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::new());
-    let worker = workers.block_on(lmgrid_worker::Worker::start(lmgrid_worker::Config {
-        node: lmgrid_test_support::in_process_node(discovery.clone()),
-        model_repository: Some(dir.path().to_path_buf()),
-        onnxruntime: Default::default(),
-    }))?;
-    let worker_addr = worker.grpc_addr();
-    let worker_task = workers.spawn(worker.run(shutdown.clone()));
-    let mut auth = lmgrid_gateway::AuthConfig {
-        required: false,
-        ..Default::default()
-    };
-    // The benchmark sends far more than an anonymous tenant may.
-    auth.anonymous = lmgrid_gateway::TenantDefaults {
-        requests_per_minute: 0,
-        tokens_per_minute: 0,
-        max_concurrent: 0,
-        ..Default::default()
-    };
-    let gateway = gateways.block_on(lmgrid_gateway::Gateway::start(lmgrid_gateway::Config {
-        node: lmgrid_test_support::in_process_node(discovery.clone()),
-        http: lmgrid_gateway::HttpConfig {
-            listen_addr: ([127, 0, 0, 1], 0).into(),
-            ..Default::default()
-        },
-        auth,
-        ..Default::default()
-    }))?;
-    let (gateway_grpc, gateway_http) = (gateway.grpc_addr(), gateway.http_addr());
-    let gateway_task = gateways.spawn(gateway.run(shutdown.clone()));
-
+    let shared = Platform::start(dir.path(), None)?;
     let groups = RowGroups::from_env()?;
-    let rows = clients.block_on(async {
-        let direct = channels(worker_addr).await?;
-        let routed = channels(gateway_grpc).await?;
+    let mut rows = shared.clients.block_on(async {
+        let direct = channels(shared.worker_addr).await?;
+        let routed = channels(shared.gateway_grpc).await?;
         wait_until_routed(&routed[0]).await?;
         let id = infer_request("id", WIDTH);
         let mut rows = Vec::new();
@@ -146,22 +110,8 @@ fn main() -> anyhow::Result<()> {
         }
         if groups.rest {
             for concurrency in [1, 64] {
-                rows.push(http_row(gateway_http, concurrency, measure).await?);
+                rows.push(http_row(shared.gateway_http, concurrency, measure).await?);
             }
-        }
-        // As deployed, the gateway does not share cores with the worker: the clients and
-        // the worker on one core, the gateway on the other.
-        match pin_gateway_apart_if(groups.pinned) {
-            Ok(Some(all)) => {
-                for concurrency in [1, 64] {
-                    let paths = (DIRECT_PINNED, ROUTED_PINNED);
-                    let pair = grpc_pair(paths, (&direct, &routed), &id, concurrency);
-                    rows.extend(pair.run(measure).await?);
-                }
-                unpin(&all)?;
-            }
-            Ok(None) => {}
-            Err(error) => println!("(no rows with the gateway on a core of its own: {error:#})"),
         }
         if groups.mlp {
             let mlp = infer_request("mlp", input);
@@ -177,11 +127,124 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok(rows)
     })?;
-    shutdown.cancel();
-    gateways.block_on(gateway_task)??;
-    workers.block_on(worker_task)??;
+    shared.stop()?;
+    // As deployed, the gateway does not share cores with the worker: the clients and the
+    // worker on one core, the gateway on the other, each runtime with one thread per core
+    // it has (as tokio sizes itself in a pod limited to one CPU), so that no two threads
+    // of a role take turns on one core.
+    if groups.pinned {
+        match pinned_rows(dir.path(), measure) {
+            Ok(pinned) => rows.extend(pinned),
+            Err(error) => println!("(no rows with the gateway on a core of its own: {error:#})"),
+        }
+    }
     print_table(&rows);
     Ok(())
+}
+
+/// A worker and a gateway routing to it, each on a tokio runtime of its own, and a runtime
+/// for the clients.
+struct Platform {
+    clients: tokio::runtime::Runtime,
+    gateways: tokio::runtime::Runtime,
+    workers: tokio::runtime::Runtime,
+    shutdown: CancellationToken,
+    worker_task: tokio::task::JoinHandle<lmgrid_core::Result<()>>,
+    gateway_task: tokio::task::JoinHandle<lmgrid_core::Result<()>>,
+    worker_addr: SocketAddr,
+    gateway_grpc: SocketAddr,
+    gateway_http: SocketAddr,
+}
+
+impl Platform {
+    /// Starts the worker on the models of `repository` and the gateway, on runtimes of
+    /// `threads` worker threads each (tokio's default, one per CPU, when `None`).
+    fn start(repository: &std::path::Path, threads: Option<usize>) -> anyhow::Result<Self> {
+        let runtime = |name: &'static str| {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(threads) = threads {
+                builder.worker_threads(threads);
+            }
+            builder.thread_name(name).enable_all().build()
+        };
+        let (clients, gateways, workers) = (runtime(CLIENT)?, runtime(GATEWAY)?, runtime(WORKER)?);
+        let shutdown = CancellationToken::new();
+        let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::new());
+        let worker = workers.block_on(lmgrid_worker::Worker::start(lmgrid_worker::Config {
+            node: lmgrid_test_support::in_process_node(discovery.clone()),
+            model_repository: Some(repository.to_path_buf()),
+            onnxruntime: Default::default(),
+        }))?;
+        let worker_addr = worker.grpc_addr();
+        let worker_task = workers.spawn(worker.run(shutdown.clone()));
+        let mut auth = lmgrid_gateway::AuthConfig {
+            required: false,
+            ..Default::default()
+        };
+        // The benchmark sends far more than an anonymous tenant may.
+        auth.anonymous = lmgrid_gateway::TenantDefaults {
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            max_concurrent: 0,
+            ..Default::default()
+        };
+        let gateway =
+            gateways.block_on(lmgrid_gateway::Gateway::start(lmgrid_gateway::Config {
+                node: lmgrid_test_support::in_process_node(discovery.clone()),
+                http: lmgrid_gateway::HttpConfig {
+                    listen_addr: ([127, 0, 0, 1], 0).into(),
+                    ..Default::default()
+                },
+                auth,
+                ..Default::default()
+            }))?;
+        let (gateway_grpc, gateway_http) = (gateway.grpc_addr(), gateway.http_addr());
+        let gateway_task = gateways.spawn(gateway.run(shutdown.clone()));
+        Ok(Self {
+            clients,
+            gateways,
+            workers,
+            shutdown,
+            worker_task,
+            gateway_task,
+            worker_addr,
+            gateway_grpc,
+            gateway_http,
+        })
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.gateways.block_on(self.gateway_task)??;
+        self.workers.block_on(self.worker_task)??;
+        Ok(())
+    }
+}
+
+/// The identity rows at concurrency 1 and 64 with the gateway's threads on CPU 1 and every
+/// other thread on CPU 0, on a platform of its own whose runtimes have one thread each.
+fn pinned_rows(repository: &std::path::Path, measure: Duration) -> anyhow::Result<Vec<Row>> {
+    anyhow::ensure!(cpus() >= 2, "fewer than 2 CPUs");
+    let platform = Platform::start(repository, Some(1))?;
+    let all = allowed_cpus(std::path::Path::new("/proc/self"))?;
+    let rows = platform.clients.block_on(async {
+        let direct = channels(platform.worker_addr).await?;
+        let routed = channels(platform.gateway_grpc).await?;
+        wait_until_routed(&routed[0]).await?;
+        set_affinity("1", "0")?;
+        let id = infer_request("id", WIDTH);
+        let mut rows = Vec::new();
+        for concurrency in [1, 64] {
+            let paths = (DIRECT_PINNED, ROUTED_PINNED);
+            let pair = grpc_pair(paths, (&direct, &routed), &id, concurrency);
+            rows.extend(pair.run(measure).await?);
+        }
+        anyhow::Ok(rows)
+    });
+    let unpinned = unpin(&all);
+    platform.stop()?;
+    unpinned?;
+    rows
 }
 
 /// Installs the log subscriber the services run with (`info` and the plain or JSON lines
@@ -260,19 +323,6 @@ const DIRECT_PINNED: &str = "worker direct (gRPC), clients + worker on core 0";
 const ROUTED_PINNED: &str = "through the gateway (gRPC), gateway on core 1";
 const DIRECT_MLP: &str = "worker direct (gRPC), MLP model";
 const ROUTED_MLP: &str = "through the gateway (gRPC), MLP model";
-
-/// Pins the gateway's threads to CPU 1 and every other thread to CPU 0, with `taskset`
-/// (thread ids are process ids to it), so that this crate needs no unsafe code, when
-/// `wanted`; returns the CPU list it was run with, for [`unpin`].
-fn pin_gateway_apart_if(wanted: bool) -> anyhow::Result<Option<String>> {
-    if !wanted {
-        return Ok(None);
-    }
-    anyhow::ensure!(cpus() >= 2, "fewer than 2 CPUs");
-    let all = allowed_cpus(std::path::Path::new("/proc/self"))?;
-    set_affinity("1", "0")?;
-    Ok(Some(all))
-}
 
 /// Lets every thread run on the CPUs the process started with (`all`, from before pinning:
 /// once pinned, `available_parallelism` itself sees one CPU), and checks that each does.
