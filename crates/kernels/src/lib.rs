@@ -18,6 +18,7 @@ mod gemm;
 mod op;
 pub mod q4;
 pub mod q8;
+pub mod swiglu;
 
 /// The instruction sets the kernels have a path for, fastest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

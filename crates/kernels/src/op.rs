@@ -15,7 +15,11 @@ use crate::{Isa, gemm};
 const COLUMNS_PER_TASK: usize = 64;
 
 /// `MatMulQ4(x: f32 [T, K], q: u8 [N, K/32, 16], scale: f16 [N, K/32],
-/// minimum: f16 [N, K/32]) -> y: f32 [T, N]`, attributes `K` and `N`.
+/// minimum: f16 [N, K/32]) -> y: f32 [T, N]`, attributes `K` and `N`. With
+/// the optional attribute `swiglu = 1` (N even) the matrix is a fused
+/// gate/up projection and `y` is `[T, N/2]`: `silu(x Wᵀ[:, :N/2]) ·
+/// x Wᵀ[:, N/2:]` ([`crate::swiglu`]), in place of a graph's `Split`,
+/// `QuickGelu` and `Mul`.
 #[derive(Debug)]
 pub(crate) struct MatMulQ4;
 
@@ -23,6 +27,8 @@ pub(crate) struct MatMulQ4;
 pub(crate) struct MatMulQ4Kernel {
     k: usize,
     n: usize,
+    /// The `swiglu` attribute: the output is the gated half.
+    swiglu: bool,
     /// The activations reordered for the kernels and their block sums,
     /// reused across calls.
     split: Vec<f32>,
@@ -69,9 +75,24 @@ impl Operator for MatMulQ4 {
                 q4::BLOCK
             )));
         }
+        let swiglu = match ctx.get::<i64>("swiglu") {
+            None | Some(0) => false,
+            Some(1) if n.is_multiple_of(2) => true,
+            Some(1) => {
+                return Err(ort::Error::new(format!(
+                    "MatMulQ4: swiglu needs an even N (gate and up halves); N is {n}"
+                )));
+            }
+            Some(v) => {
+                return Err(ort::Error::new(format!(
+                    "MatMulQ4: attribute swiglu is {v}; it must be 0 or 1"
+                )));
+            }
+        };
         Ok(MatMulQ4Kernel {
             k,
             n,
+            swiglu,
             split: Vec::new(),
             sums: Vec::new(),
             interleaved: Vec::new(),
@@ -113,6 +134,56 @@ impl Kernel for MatMulQ4Kernel {
         q4::block_sums(&self.split, k, &mut self.sums);
         let (xs, sums) = (&self.split[..], &self.sums[..]);
         let per_row = q4::sums_per_row(k);
+        if self.swiglu {
+            let half = n / 2;
+            let prompt = tokens >= gemm::FROM_ROWS;
+            if prompt {
+                gemm::interleave(xs, k, &mut self.interleaved);
+            }
+            let interleaved = &self.interleaved[..];
+            // Decode-sized calls: tasks of up to `ROWS` rows and 64 output columns; prompts:
+            // a task per tile of output columns for every row, as below.
+            let (rows_per_task, columns_per_task) = if prompt {
+                (tokens, gemm::TILE)
+            } else {
+                (q4::ROWS, COLUMNS_PER_TASK)
+            };
+            return in_tiles(
+                ctx,
+                "MatMulQ4",
+                tokens,
+                half,
+                rows_per_task,
+                columns_per_task,
+                |first, rows, out, columns| {
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        UNPACKED.with_borrow_mut(|unpacked| {
+                            // SAFETY: `in_tiles` hands this task rows `first..first + rows`
+                            // of `columns` alone, `out` at row `first` of the `[T, N/2]`
+                            // output; `isa` is this CPU's.
+                            #[allow(unsafe_code)]
+                            unsafe {
+                                let (xs, sums) = (&xs[first * k..], &sums[first * per_row..]);
+                                let interleaved = if prompt { interleaved } else { &[] };
+                                crate::swiglu::gated_rows(
+                                    &w,
+                                    xs,
+                                    sums,
+                                    interleaved,
+                                    rows,
+                                    out,
+                                    half,
+                                    columns,
+                                    scratch,
+                                    unpacked,
+                                    isa,
+                                );
+                            }
+                        })
+                    });
+                },
+            );
+        }
         if tokens < gemm::FROM_ROWS {
             return in_tiles(
                 ctx,
@@ -169,6 +240,8 @@ impl Kernel for MatMulQ4Kernel {
 thread_local! {
     /// The tile of f32 weights a thread of the pool unpacks a matrix into.
     static UNPACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A thread's gate and up products before `swiglu` gates them.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `MatMulQ8(x: f32 [T, K], q: i8 [N, K/32, 32], scale: f32 [N, K/32]) -> y:

@@ -86,6 +86,23 @@ impl<'a> Q4Matrix<'a> {
         })
     }
 
+    /// Matrix rows `rows` as a matrix of their own.
+    ///
+    /// # Panics
+    /// If `rows` is empty or does not lie within `0..N`.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Q4Matrix<'a> {
+        assert!(rows.start < rows.end && rows.end <= self.n, "rows {rows:?} of {}", self.n);
+        let blocks = self.k / BLOCK;
+        let (first, last) = (rows.start * blocks, rows.end * blocks);
+        Q4Matrix {
+            k: self.k,
+            n: rows.len(),
+            q: &self.q[first * (BLOCK / 2)..last * (BLOCK / 2)],
+            scale: &self.scale[first..last],
+            minimum: &self.minimum[first..last],
+        }
+    }
+
     /// Weight `[row, column]` as the kernels compute it: `fl(d · q + m)`.
     pub fn weight(&self, row: usize, column: usize) -> f32 {
         let block = row * (self.k / BLOCK) + column / BLOCK;
@@ -213,7 +230,7 @@ pub fn matmul(w: &Q4Matrix<'_>, x: &[f32]) -> Vec<f32> {
     matmul_with(w, x, Isa::best())
 }
 
-fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
+pub(crate) fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
     let tokens = x.len() / w.k;
     let (mut xs, mut sums) = (Vec::new(), Vec::new());
     split_blocks(&x[..tokens * w.k], w.k, &mut xs);
@@ -592,12 +609,12 @@ pub(crate) mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A matrix of pseudo-random nibbles, scales and minimums like a
     /// model's (scales ~1e-2, minimums negative).
-    fn matrix(k: usize, n: usize, seed: u64) -> (Vec<u8>, Vec<f16>, Vec<f16>) {
+    pub(crate) fn matrix(k: usize, n: usize, seed: u64) -> (Vec<u8>, Vec<f16>, Vec<f16>) {
         let mut s = seed;
         let mut next = move || {
             s ^= s << 13;
@@ -620,7 +637,7 @@ mod tests {
         values.iter().map(|&v| f16::from_f32(v)).collect()
     }
 
-    fn activations(tokens: usize, k: usize) -> Vec<f32> {
+    pub(crate) fn activations(tokens: usize, k: usize) -> Vec<f32> {
         (0..tokens * k)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03)
             .collect()

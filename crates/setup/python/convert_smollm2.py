@@ -75,7 +75,8 @@ PADDING = {"q4": "right", "fp32": "left"}
 # the plain attention of the reference concatenates them into a new present.
 KV_CACHE = {"q4": "shared", "fp32": "copy"}
 # The q4 variant's second graph: the same function with lmgrid's MatMulQ4 kernel (custom
-# operator domain ai.lmgrid) in place of MatMulNBits and its block-offset corrections, and
+# operator domain ai.lmgrid) in place of MatMulNBits and its block-offset corrections (the
+# gate/up one with swiglu=1, gating its own output in place of Split, QuickGelu and Mul), and
 # MatMulQ8 over the Q8_0 blocks as the LM head. The worker loads it on CPUs with AVX-512 or
 # AVX2 (x86-64-v3); model.onnx stays the graph for CUDA and other CPUs.
 CPU_GRAPH = "model.cpu.onnx"
@@ -428,12 +429,13 @@ def build_fp32(gguf):
     return finish(g, gguf, "fp32", [helper.make_opsetid("", OPSET)])
 
 
-def quantized_matmul(g, x, weights, name, block_sums, cpu=False):
+def quantized_matmul(g, x, weights, name, block_sums, cpu=False, swiglu=False):
     """x [T, K] @ W^T for a Q4_1 matrix W [N, K], exactly: MatMulNBits over (q - 8) * scale
     (4 bits, blocks of 32, ONNX Runtime's default zero point 8, the fast path) plus each
     block's (minimum + 8 * scale) times the block's sum of x, added by one small Gemm. With
     `cpu`, one lmgrid MatMulQ4 over the same nibbles with the GGUF's fp16 scales and minimums:
-    it dequantizes each weight as scale * q + minimum (one rounding) and sums in fp32."""
+    it dequantizes each weight as scale * q + minimum (one rounding) and sums in fp32; with
+    `swiglu` too, W is a fused gate/up matrix and the node gives silu(gate) * up [T, N/2]."""
     n, blocks, _ = weights.q.shape
     k = blocks * BLOCK
     packed = weights.q[:, :, 0::2] | (weights.q[:, :, 1::2] << 4)  # [N, K/32, 16]
@@ -456,9 +458,12 @@ def quantized_matmul(g, x, weights, name, block_sums, cpu=False):
                 domain=LMGRID_DOMAIN,
                 K=k,
                 N=n,
+                **({"swiglu": 1} if swiglu else {}),
             )
         )
         return out
+    assert not swiglu, "the gate is fused into lmgrid's MatMulQ4 only"
+
     offset = weights.minimum.astype(np.float64) + 8.0 * weights.scale.astype(np.float64)
     y = g.ms(
         "MatMulNBits",
@@ -553,10 +558,15 @@ def build_q4(gguf, cpu=False):
         x = quantized_matmul(g, context, w["o"], p + "attn_output", block_sums, cpu)
         norm = g.const(p + "ffn_norm.weight", w["ffn_norm"])
         h, residual = skip_norm(g, x, residual, norm, gguf.eps)
-        gate_up = quantized_matmul(g, h, w["gate_up"], p + "ffn_gate_up", block_sums, cpu)
-        gate, up = g.op("Split", [gate_up], "gate_up", outputs=2, axis=-1)
-        silu = g.ms("QuickGelu", [gate], "silu", alpha=1.0)  # x * sigmoid(1.0 * x)
-        act = g.op("Mul", [silu, up], "act")
+        if cpu:
+            act = quantized_matmul(
+                g, h, w["gate_up"], p + "ffn_gate_up", block_sums, cpu, swiglu=True
+            )
+        else:
+            gate_up = quantized_matmul(g, h, w["gate_up"], p + "ffn_gate_up", block_sums)
+            gate, up = g.op("Split", [gate_up], "gate_up", outputs=2, axis=-1)
+            silu = g.ms("QuickGelu", [gate], "silu", alpha=1.0)  # x * sigmoid(1.0 * x)
+            act = g.op("Mul", [silu, up], "act")
         x = quantized_matmul(g, act, w["down"], p + "ffn_down", block_sums, cpu)
 
     final_norm = g.const("output_norm.weight", gguf.f32("output_norm.weight"))

@@ -342,6 +342,13 @@ def check_cpu_graph(version_dir, layers, check):
         len(matmuls) == 4 * layers and all(n.domain == "ai.lmgrid" for n in matmuls),
         f"model.cpu.onnx: {len(matmuls)} ai.lmgrid MatMulQ4 nodes (expected {4 * layers})",
     )
+    gated = [
+        n for n in matmuls if any(a.name == "swiglu" and a.i == 1 for a in n.attribute)
+    ]
+    check(
+        len(gated) == layers,
+        f"model.cpu.onnx: {len(gated)} MatMulQ4 nodes gate their gate/up output (expected {layers})",
+    )
     worst = 0.0
     same = True
     for node in matmuls:
@@ -373,12 +380,16 @@ def check_cpu_graph(version_dir, layers, check):
             "model.cpu.onnx: the MatMulQ8 head's scale * q is exactly model.onnx's fp32 table",
         )
     # Everything else as in model.onnx, but for the head's If on the batch size (with the
-    # Shape, Equal and Squeeze that compute its condition).
+    # Shape, Equal and Squeeze that compute its condition) and each layer's Split, QuickGelu
+    # and Mul, which the gating MatMulQ4 does itself.
     ignored = {"MatMulQ4", "MatMulQ8", "MatMulNBits", "Gemm", "MatMul", "If", "Equal"}
     kinds = lambda graph: sorted(n.op_type for n in graph.node if n.op_type not in ignored)
     main_kinds = kinds(main_graph)
     for head_only in ("Shape", "Squeeze"):
         main_kinds.remove(head_only)
+    for gating in ("Split", "QuickGelu", "Mul"):
+        for _ in range(layers):
+            main_kinds.remove(gating)
     check(kinds(cpu_graph) == main_kinds, "model.cpu.onnx: every other node as in model.onnx")
 
 
