@@ -15,6 +15,7 @@
 
 mod dot;
 mod gemm;
+pub mod norm;
 mod op;
 pub mod q4;
 pub mod q8;

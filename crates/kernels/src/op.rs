@@ -9,7 +9,7 @@ use ort::value::TensorElementType;
 
 use crate::q4::{self, Q4Matrix};
 use crate::q8::{self, Q8Matrix};
-use crate::{Isa, gemm};
+use crate::{Isa, gemm, norm};
 
 /// Matrix columns one task of the thread pool computes.
 const COLUMNS_PER_TASK: usize = 64;
@@ -19,7 +19,10 @@ const COLUMNS_PER_TASK: usize = 64;
 /// the optional attribute `swiglu = 1` (N even) the matrix is a fused
 /// gate/up projection and `y` is `[T, N/2]`: `silu(x Wᵀ[:, :N/2]) ·
 /// x Wᵀ[:, N/2:]` ([`crate::swiglu`]), in place of a graph's `Split`,
-/// `QuickGelu` and `Mul`.
+/// `QuickGelu` and `Mul`. With the optional inputs `skip` (f32 `[T, K]`) and
+/// `gamma` (f32 `[K]`) and the attribute `epsilon`, `x` is first replaced by
+/// `RMSNorm(x + skip) · gamma` ([`crate::norm`]) and the optional second output
+/// is `x + skip`, in place of a graph's `SkipSimplifiedLayerNormalization`.
 #[derive(Debug)]
 pub(crate) struct MatMulQ4;
 
@@ -29,6 +32,10 @@ pub(crate) struct MatMulQ4Kernel {
     n: usize,
     /// The `swiglu` attribute: the output is the gated half.
     swiglu: bool,
+    /// The `epsilon` attribute of the norm in front (with `skip` and `gamma`).
+    epsilon: Option<f32>,
+    /// The normalized activations, with `skip` and `gamma`, reused across calls.
+    normed: Vec<f32>,
     /// The activations reordered for the kernels and their block sums,
     /// reused across calls.
     split: Vec<f32>,
@@ -49,11 +56,16 @@ impl Operator for MatMulQ4 {
             OperatorInput::required(TensorElementType::Uint8),
             OperatorInput::required(TensorElementType::Float16),
             OperatorInput::required(TensorElementType::Float16),
+            OperatorInput::optional(TensorElementType::Float32),
+            OperatorInput::optional(TensorElementType::Float32),
         ]
     }
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
-        [OperatorOutput::required(TensorElementType::Float32)]
+        [
+            OperatorOutput::required(TensorElementType::Float32),
+            OperatorOutput::optional(TensorElementType::Float32),
+        ]
     }
 
     fn create_kernel<'attr>(&self, ctx: &KernelContext<'attr>) -> ort::Result<MatMulQ4Kernel> {
@@ -89,10 +101,20 @@ impl Operator for MatMulQ4 {
                 )));
             }
         };
+        let epsilon = ctx.get::<f32>("epsilon");
+        if let Some(e) = epsilon
+            && !(e.is_finite() && e >= 0.0)
+        {
+            return Err(ort::Error::new(format!(
+                "MatMulQ4: attribute epsilon is {e}; it must be finite and not negative"
+            )));
+        }
         Ok(MatMulQ4Kernel {
             k,
             n,
             swiglu,
+            epsilon,
+            normed: Vec::new(),
             split: Vec::new(),
             sums: Vec::new(),
             interleaved: Vec::new(),
@@ -130,6 +152,38 @@ impl Kernel for MatMulQ4Kernel {
         let w = Q4Matrix::new(k, n, q, scale, minimum)
             .map_err(|e| ort::Error::new(format!("MatMulQ4: {e}")))?;
         let isa = Isa::best();
+        let x: &[f32] = match ctx.input(4)? {
+            None => x,
+            Some(skip_value) => {
+                let (skip_shape, skip) = skip_value.try_extract_tensor::<f32>()?;
+                if **skip_shape != **shape {
+                    return Err(ort::Error::new(format!(
+                        "MatMulQ4: skip has shape {:?}; expected x's, {:?}",
+                        &**skip_shape, &**shape
+                    )));
+                }
+                let gamma_value = ctx.input(5)?.ok_or_else(|| {
+                    ort::Error::new("MatMulQ4: skip needs gamma (input 5) too")
+                })?;
+                let (_, gamma) = gamma_value.try_extract_tensor::<f32>()?;
+                if gamma.len() != k {
+                    return Err(ort::Error::new(format!(
+                        "MatMulQ4: gamma holds {} values; expected K = {k}",
+                        gamma.len()
+                    )));
+                }
+                let epsilon = self.epsilon.ok_or_else(|| {
+                    ort::Error::new("MatMulQ4: skip needs a float attribute epsilon")
+                })?;
+                let mut sum_value = ctx
+                    .output(1, vec![tokens as i64, k as i64])?
+                    .ok_or_else(|| ort::Error::new("MatMulQ4: skip needs output 1, x + skip"))?;
+                let (_, sum) = sum_value.try_extract_tensor_mut::<f32>()?;
+                self.normed.resize(x.len(), 0.0);
+                norm::skip_rms_norm(x, skip, gamma, epsilon, sum, &mut self.normed);
+                &self.normed
+            }
+        };
         q4::split_blocks(x, k, &mut self.split);
         q4::block_sums(&self.split, k, &mut self.sums);
         let (xs, sums) = (&self.split[..], &self.sums[..]);

@@ -76,7 +76,8 @@ PADDING = {"q4": "right", "fp32": "left"}
 KV_CACHE = {"q4": "shared", "fp32": "copy"}
 # The q4 variant's second graph: the same function with lmgrid's MatMulQ4 kernel (custom
 # operator domain ai.lmgrid) in place of MatMulNBits and its block-offset corrections (the
-# gate/up one with swiglu=1, gating its own output in place of Split, QuickGelu and Mul), and
+# gate/up one with swiglu=1, gating its own output in place of Split, QuickGelu and Mul; the
+# ones after a SkipSimplifiedLayerNormalization adding the residual and normalizing first), and
 # MatMulQ8 over the Q8_0 blocks as the LM head. The worker loads it on CPUs with AVX-512 or
 # AVX2 (x86-64-v3); model.onnx stays the graph for CUDA and other CPUs.
 CPU_GRAPH = "model.cpu.onnx"
@@ -429,13 +430,16 @@ def build_fp32(gguf):
     return finish(g, gguf, "fp32", [helper.make_opsetid("", OPSET)])
 
 
-def quantized_matmul(g, x, weights, name, block_sums, cpu=False, swiglu=False):
+def quantized_matmul(g, x, weights, name, block_sums, cpu=False, swiglu=False, skip=None):
     """x [T, K] @ W^T for a Q4_1 matrix W [N, K], exactly: MatMulNBits over (q - 8) * scale
     (4 bits, blocks of 32, ONNX Runtime's default zero point 8, the fast path) plus each
     block's (minimum + 8 * scale) times the block's sum of x, added by one small Gemm. With
     `cpu`, one lmgrid MatMulQ4 over the same nibbles with the GGUF's fp16 scales and minimums:
     it dequantizes each weight as scale * q + minimum (one rounding) and sums in fp32; with
-    `swiglu` too, W is a fused gate/up matrix and the node gives silu(gate) * up [T, N/2]."""
+    `swiglu` too, W is a fused gate/up matrix and the node gives silu(gate) * up [T, N/2];
+    with `skip` = (residual, weight, eps) too, the node first adds the residual to x and
+    RMS-normalizes the sum (SkipSimplifiedLayerNormalization's arithmetic) and returns
+    (product, x + residual)."""
     n, blocks, _ = weights.q.shape
     k = blocks * BLOCK
     packed = weights.q[:, :, 0::2] | (weights.q[:, :, 1::2] << 4)  # [N, K/32, 16]
@@ -443,26 +447,34 @@ def quantized_matmul(g, x, weights, name, block_sums, cpu=False, swiglu=False):
     if cpu:
         g.count += 1
         out = f"matmul_q4_{g.count}"
+        inputs = [
+            x,
+            g.const(name + ".q4", packed),
+            # The GGUF's own fp16 scales and minimums, [N, K/32].
+            g.const(name + ".scale", weights.scale.astype(np.float16)),
+            g.const(name + ".minimum", weights.minimum.astype(np.float16)),
+        ]
+        outputs = [out]
+        extra = {"swiglu": 1} if swiglu else {}
+        if skip is not None:
+            residual, weight, eps = skip
+            inputs += [residual, weight]
+            outputs.append(f"residual_{g.count}")
+            extra["epsilon"] = eps
         g.nodes.append(
             helper.make_node(
                 "MatMulQ4",
-                [
-                    x,
-                    g.const(name + ".q4", packed),
-                    # The GGUF's own fp16 scales and minimums, [N, K/32].
-                    g.const(name + ".scale", weights.scale.astype(np.float16)),
-                    g.const(name + ".minimum", weights.minimum.astype(np.float16)),
-                ],
-                [out],
+                inputs,
+                outputs,
                 name=f"MatMulQ4_{g.count}",
                 domain=LMGRID_DOMAIN,
                 K=k,
                 N=n,
-                **({"swiglu": 1} if swiglu else {}),
+                **extra,
             )
         )
-        return out
-    assert not swiglu, "the gate is fused into lmgrid's MatMulQ4 only"
+        return out if skip is None else (out, outputs[1])
+    assert not swiglu and skip is None, "gating and norms are fused into lmgrid's MatMulQ4 only"
 
     offset = weights.minimum.astype(np.float64) + 8.0 * weights.scale.astype(np.float64)
     y = g.ms(
@@ -525,9 +537,15 @@ def build_q4(gguf, cpu=False):
                 "SimplifiedLayerNormalization", [x, norm], "attn_norm", axis=-1, epsilon=gguf.eps
             )
             residual = x
+            qkv = quantized_matmul(g, h, w["qkv"], p + "attn_qkv", block_sums, cpu)  # [T, 960]
+        elif cpu:
+            # lmgrid's MatMulQ4 adds the residual and normalizes in front of its product.
+            qkv, residual = quantized_matmul(
+                g, x, w["qkv"], p + "attn_qkv", block_sums, cpu, skip=(residual, norm, gguf.eps)
+            )
         else:
             h, residual = skip_norm(g, x, residual, norm, gguf.eps)
-        qkv = quantized_matmul(g, h, w["qkv"], p + "attn_qkv", block_sums, cpu)  # [T, 960]
+            qkv = quantized_matmul(g, h, w["qkv"], p + "attn_qkv", block_sums)
         qkv = g.op("Reshape", [qkv, qkv_shape], "qkv_bsh")  # [B, S, 960]
         g.count += 1
         context = f"context_{g.count}"
@@ -557,12 +575,19 @@ def build_q4(gguf, cpu=False):
         context = g.op("Reshape", [context, g.i64(-1, hidden)], "context_2d")  # [T, 576]
         x = quantized_matmul(g, context, w["o"], p + "attn_output", block_sums, cpu)
         norm = g.const(p + "ffn_norm.weight", w["ffn_norm"])
-        h, residual = skip_norm(g, x, residual, norm, gguf.eps)
         if cpu:
-            act = quantized_matmul(
-                g, h, w["gate_up"], p + "ffn_gate_up", block_sums, cpu, swiglu=True
+            act, residual = quantized_matmul(
+                g,
+                x,
+                w["gate_up"],
+                p + "ffn_gate_up",
+                block_sums,
+                cpu,
+                swiglu=True,
+                skip=(residual, norm, gguf.eps),
             )
         else:
+            h, residual = skip_norm(g, x, residual, norm, gguf.eps)
             gate_up = quantized_matmul(g, h, w["gate_up"], p + "ffn_gate_up", block_sums)
             gate, up = g.op("Split", [gate_up], "gate_up", outputs=2, axis=-1)
             silu = g.ms("QuickGelu", [gate], "silu", alpha=1.0)  # x * sigmoid(1.0 * x)

@@ -349,6 +349,12 @@ def check_cpu_graph(version_dir, layers, check):
         len(gated) == layers,
         f"model.cpu.onnx: {len(gated)} MatMulQ4 nodes gate their gate/up output (expected {layers})",
     )
+    normalizing = [n for n in matmuls if len(n.input) == 6 and len(n.output) == 2]
+    check(
+        len(normalizing) == 2 * layers - 1,
+        f"model.cpu.onnx: {len(normalizing)} MatMulQ4 nodes add the residual and normalize "
+        f"first (expected {2 * layers - 1})",
+    )
     worst = 0.0
     same = True
     for node in matmuls:
@@ -380,8 +386,9 @@ def check_cpu_graph(version_dir, layers, check):
             "model.cpu.onnx: the MatMulQ8 head's scale * q is exactly model.onnx's fp32 table",
         )
     # Everything else as in model.onnx, but for the head's If on the batch size (with the
-    # Shape, Equal and Squeeze that compute its condition) and each layer's Split, QuickGelu
-    # and Mul, which the gating MatMulQ4 does itself.
+    # Shape, Equal and Squeeze that compute its condition), each layer's Split, QuickGelu
+    # and Mul, which the gating MatMulQ4 does itself, and the skip norms in front of a
+    # MatMulQ4, which it does too (all but the final one).
     ignored = {"MatMulQ4", "MatMulQ8", "MatMulNBits", "Gemm", "MatMul", "If", "Equal"}
     kinds = lambda graph: sorted(n.op_type for n in graph.node if n.op_type not in ignored)
     main_kinds = kinds(main_graph)
@@ -390,6 +397,8 @@ def check_cpu_graph(version_dir, layers, check):
     for gating in ("Split", "QuickGelu", "Mul"):
         for _ in range(layers):
             main_kinds.remove(gating)
+    for _ in range(2 * layers - 1):
+        main_kinds.remove("SkipSimplifiedLayerNormalization")
     check(kinds(cpu_graph) == main_kinds, "model.cpu.onnx: every other node as in model.onnx")
 
 
