@@ -145,7 +145,7 @@ impl Kernel for MatMulQ4Kernel {
             input(ctx, 3)?,
         );
         let (shape, x) = x_value.try_extract_tensor::<f32>()?;
-        let tokens = tokens("MatMulQ4", shape, k)?;
+        let (tokens, leading) = tokens("MatMulQ4", shape, k)?;
         let (_, q) = q_value.try_extract_tensor::<u8>()?;
         let (_, scale) = scale_value.try_extract_tensor::<half::f16>()?;
         let (_, minimum) = minimum_value.try_extract_tensor::<half::f16>()?;
@@ -176,7 +176,7 @@ impl Kernel for MatMulQ4Kernel {
                     ort::Error::new("MatMulQ4: skip needs a float attribute epsilon")
                 })?;
                 let mut sum_value = ctx
-                    .output(1, vec![tokens as i64, k as i64])?
+                    .output(1, shape.to_vec())?
                     .ok_or_else(|| ort::Error::new("MatMulQ4: skip needs output 1, x + skip"))?;
                 let (_, sum) = sum_value.try_extract_tensor_mut::<f32>()?;
                 self.normed.resize(x.len(), 0.0);
@@ -205,6 +205,7 @@ impl Kernel for MatMulQ4Kernel {
             return in_tiles(
                 ctx,
                 "MatMulQ4",
+                &leading,
                 tokens,
                 half,
                 rows_per_task,
@@ -242,6 +243,7 @@ impl Kernel for MatMulQ4Kernel {
             return in_tiles(
                 ctx,
                 "MatMulQ4",
+                &leading,
                 tokens,
                 n,
                 q4::ROWS,
@@ -263,6 +265,7 @@ impl Kernel for MatMulQ4Kernel {
         in_tiles(
             ctx,
             "MatMulQ4",
+            &leading,
             tokens,
             n,
             tokens,
@@ -339,7 +342,7 @@ impl Kernel for MatMulQ8Kernel {
         let (k, n) = (self.k, self.n);
         let (x_value, q_value, scale_value) = (input(ctx, 0)?, input(ctx, 1)?, input(ctx, 2)?);
         let (shape, x) = x_value.try_extract_tensor::<f32>()?;
-        let tokens = tokens("MatMulQ8", shape, k)?;
+        let (tokens, leading) = tokens("MatMulQ8", shape, k)?;
         let (_, q) = q_value.try_extract_tensor::<i8>()?;
         let (_, scale) = scale_value.try_extract_tensor::<f32>()?;
         let w =
@@ -348,6 +351,7 @@ impl Kernel for MatMulQ8Kernel {
         in_tiles(
             ctx,
             "MatMulQ8",
+            &leading,
             tokens,
             n,
             q8::ROWS,
@@ -392,24 +396,30 @@ fn input<'a>(ctx: &'a ComputeContext, i: usize) -> ort::Result<ort::value::Value
         .ok_or_else(|| ort::Error::new(format!("input {i} is missing")))
 }
 
-/// Rows of `x`, whose shape must be `[tokens, K]`.
-fn tokens(op: &str, shape: &ort::value::Shape, k: usize) -> ort::Result<usize> {
-    match **shape {
-        [t, kk] if kk as usize == k && t >= 0 => Ok(t as usize),
+/// Rows of `x`, whose shape must be `[..., K]` (rank 2 or more): their number
+/// and the leading dimensions, which the output keeps.
+fn tokens(op: &str, shape: &ort::value::Shape, k: usize) -> ort::Result<(usize, Vec<i64>)> {
+    match &**shape {
+        [leading @ .., kk] if !leading.is_empty() && *kk as usize == k && leading.iter().all(|&d| d >= 0) => {
+            Ok((leading.iter().map(|&d| d as usize).product(), leading.to_vec()))
+        }
         _ => Err(ort::Error::new(format!(
-            "{op}: x has shape {:?}; expected [tokens, K={k}]",
+            "{op}: x has shape {:?}; expected [..., K={k}]",
             &**shape
         ))),
     }
 }
 
-/// Allocates the `[tokens, N]` output and runs `task(first, rows, out,
-/// columns)` over the session's intra-op thread pool for every rectangle of
-/// at most `rows_per_task` rows and `columns_per_task` columns, `out`
-/// pointing at row `first` of the output (row stride N).
+/// Allocates the `[..., N]` output (`leading` dimensions, `tokens` rows in
+/// all) and runs `task(first, rows, out, columns)` over the session's
+/// intra-op thread pool for every rectangle of at most `rows_per_task` rows
+/// and `columns_per_task` columns, `out` pointing at row `first` of the
+/// output (row stride N).
+#[allow(clippy::too_many_arguments)]
 fn in_tiles(
     ctx: &ComputeContext,
     op: &str,
+    leading: &[i64],
     tokens: usize,
     n: usize,
     rows_per_task: usize,
@@ -417,7 +427,7 @@ fn in_tiles(
     task: impl Fn(usize, usize, *mut f32, std::ops::Range<usize>) + Sync + Send,
 ) -> ort::Result<()> {
     let mut y_value = ctx
-        .output(0, vec![tokens as i64, n as i64])?
+        .output(0, [leading, &[n as i64]].concat())?
         .ok_or_else(|| ort::Error::new(format!("{op}: no output")))?;
     let (_, y) = y_value.try_extract_tensor_mut::<f32>()?;
     if tokens == 0 {

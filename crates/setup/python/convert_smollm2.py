@@ -502,8 +502,12 @@ def build_q4(gguf, cpu=False):
     # The Q8_0 embedding as one fp32 table, shared by the lookup and the LM head of multi-row
     # batches (see the head below and docs/models.md).
     table = g.const("token_embd.weight", embedding_table(gguf))
-    ids = g.op("Reshape", ["input_ids", g.i64(-1)], "ids_flat")
-    x = g.op("Gather", [table, ids], "embedded")  # [T, 576], T = B * S tokens
+    if cpu:
+        # lmgrid's operators take [B, S, K] as they are: no reshapes around them.
+        x = g.op("Gather", [table, "input_ids"], "embedded")  # [B, S, 576]
+    else:
+        ids = g.op("Reshape", ["input_ids", g.i64(-1)], "ids_flat")
+        x = g.op("Gather", [table, ids], "embedded")  # [T, 576], T = B * S tokens
     cos_table, sin_table = rope_tables(gguf)
     half = dim // 2
     cos = g.const("rope.cos", np.ascontiguousarray(cos_table[:, :half]))
@@ -517,8 +521,11 @@ def build_q4(gguf, cpu=False):
     total = g.op(
         "Cast", [g.op("Squeeze", [total, g.i64(0)], "total_i64")], "total", to=TensorProto.INT32
     )
-    ids_shape = g.op("Shape", ["input_ids"], "ids_shape")  # [B, S]
-    qkv_shape = g.op("Concat", [ids_shape, g.i64((heads + 2 * kv) * dim)], "qkv_shape", axis=0)
+    if not cpu:
+        ids_shape = g.op("Shape", ["input_ids"], "ids_shape")  # [B, S]
+        qkv_shape = g.op(
+            "Concat", [ids_shape, g.i64((heads + 2 * kv) * dim)], "qkv_shape", axis=0
+        )
     indicators = {}
 
     def block_sums(x, k):
@@ -546,7 +553,8 @@ def build_q4(gguf, cpu=False):
         else:
             h, residual = skip_norm(g, x, residual, norm, gguf.eps)
             qkv = quantized_matmul(g, h, w["qkv"], p + "attn_qkv", block_sums)
-        qkv = g.op("Reshape", [qkv, qkv_shape], "qkv_bsh")  # [B, S, 960]
+        if not cpu:
+            qkv = g.op("Reshape", [qkv, qkv_shape], "qkv_bsh")  # [B, S, 960]
         g.count += 1
         context = f"context_{g.count}"
         g.nodes.append(
@@ -572,7 +580,8 @@ def build_q4(gguf, cpu=False):
                 rotary_interleaved=0,
             )
         )
-        context = g.op("Reshape", [context, g.i64(-1, hidden)], "context_2d")  # [T, 576]
+        if not cpu:
+            context = g.op("Reshape", [context, g.i64(-1, hidden)], "context_2d")  # [T, 576]
         x = quantized_matmul(g, context, w["o"], p + "attn_output", block_sums, cpu)
         norm = g.const(p + "ffn_norm.weight", w["ffn_norm"])
         if cpu:
@@ -596,8 +605,9 @@ def build_q4(gguf, cpu=False):
 
     final_norm = g.const("output_norm.weight", gguf.f32("output_norm.weight"))
     h, _ = skip_norm(g, x, residual, final_norm, gguf.eps)
-    bsh = g.op("Concat", [ids_shape, g.i64(hidden)], "bsh", axis=0)
-    h = g.op("Reshape", [h, bsh], "final_bsh")  # [B, S, 576]
+    if not cpu:
+        bsh = g.op("Concat", [ids_shape, g.i64(hidden)], "bsh", axis=0)
+        h = g.op("Reshape", [h, bsh], "final_bsh")  # [B, S, 576]
     # Each row's last real new token: its last position for a right-padded first prompt
     # (S = T), the last column when every row's new tokens follow its cache.
     seq = g.op("Shape", ["input_ids"], "seq_1d", start=1, end=2)
