@@ -28,6 +28,15 @@
 //! from `cargo xtask models`. `LMGRID_BENCH_SECONDS` (default 10) sets the
 //! measuring time per row, `LMGRID_BENCH_TOKENS` (default 64) the tokens per
 //! stream, `LMGRID_BENCH_VARIANTS` a comma-separated subset of variants.
+//! `LMGRID_BENCH_QUICK=1` runs only the worker as converted, and with the
+//! prefix cache off where the converter turns it on (no raw loop, no other
+//! graphs or caches, no drift check): an A/B of one graph in ~2 minutes.
+//! `LMGRID_BENCH_AB=A,B` compares two graph files of the first variant (paths
+//! relative to its `1/` directory, or absolute; the cache in place) in the
+//! raw loop, alternating 64-step cycles of the two for 8 rounds at 1 and 8
+//! rows, and prints each one's median and fastest decode step and median
+//! prefill: on a machine whose speed drifts by 10–20% between minutes, the
+//! alternation puts the drift on both alike.
 //!
 //! `LMGRID_BENCH_PROFILE=1` runs, instead of the table, the raw loop under
 //! ONNX Runtime's profiler for every graph at 1 and 8 rows and prints where
@@ -122,6 +131,13 @@ fn main() -> anyhow::Result<()> {
 
     let runtime = Runtime::get(&Default::default())?;
     let profiling = std::env::var("LMGRID_BENCH_PROFILE").is_ok_and(|v| v == "1");
+    let quick = std::env::var("LMGRID_BENCH_QUICK").is_ok_and(|v| v == "1");
+    if let Ok(pair) = std::env::var("LMGRID_BENCH_AB") {
+        let dir = models.join(&variants[0]).join("1");
+        let graphs: Vec<std::path::PathBuf> = pair.split(',').map(|g| dir.join(g)).collect();
+        anyhow::ensure!(graphs.len() == 2, "LMGRID_BENCH_AB: two graph files, A,B");
+        return ab(runtime, &graphs, tokens);
+    }
     let mut rows = Vec::new();
     let mut memory = Vec::new();
     let mut drifts = Vec::new();
@@ -143,7 +159,7 @@ fn main() -> anyhow::Result<()> {
             .chain(["model.onnx".to_string()])
             .collect::<Vec<_>>()
     };
-    for variant in &variants {
+    for variant in variants.iter().filter(|_| !quick) {
         let caches: &[Cache] = if shared(variant) {
             &[Cache::Copied, Cache::InPlace]
         } else {
@@ -197,9 +213,11 @@ fn main() -> anyhow::Result<()> {
         if prefix_cache {
             served.push((graphs[0].clone(), first, true));
         }
-        served.push((graphs[0].clone(), Cache::Copied, false));
-        if graphs.len() > 1 {
-            served.push(("model.onnx".to_string(), first, false));
+        if !quick {
+            served.push((graphs[0].clone(), Cache::Copied, false));
+            if graphs.len() > 1 {
+                served.push(("model.onnx".to_string(), first, false));
+            }
         }
         for (index, (graph, cache, no_prefix_cache)) in served.iter().cloned().enumerate() {
             // A repository holding just this variant, so memory is its own; the copied
@@ -248,7 +266,7 @@ fn main() -> anyhow::Result<()> {
                     row.no_prefix_cache = no_prefix_cache;
                     rows.push(row);
                 }
-                if index == 0 {
+                if index == 0 && !quick {
                     drifts.push((variant.clone(), drift(&channel, variant).await?));
                 }
                 worker.stop().await?;
@@ -543,6 +561,55 @@ fn decode_cycle_in_place(
         ids = next;
     }
     Ok((ttft, steps * width))
+}
+
+/// `LMGRID_BENCH_AB`: the two graphs' raw loops (cache in place), alternating
+/// cycles of `tokens` steps, at 1 and 8 rows.
+fn ab(runtime: &Runtime, graphs: &[std::path::PathBuf], tokens: usize) -> anyhow::Result<()> {
+    const ROUNDS: usize = 8;
+    let mut sessions = Vec::new();
+    for graph in graphs {
+        let (session, _, _) = runtime.session(graph, None, &ProviderConfig::default(), 2)?;
+        sessions.push(session);
+    }
+    let layers = sessions[0]
+        .inputs()
+        .iter()
+        .filter(|i| i.name().ends_with(".key") && i.name().starts_with("past_key_values."))
+        .count();
+    println!(
+        "| graph | rows | decode step ms, median | fastest | prefill ms, median | rounds |\n|---|---:|---:|---:|---:|---:|"
+    );
+    for width in [1, 8] {
+        let mut steps = vec![Vec::new(); sessions.len()];
+        let mut prefills = vec![Vec::new(); sessions.len()];
+        for session in &mut sessions {
+            decode_cycle_in_place(session, layers, width, 4)?;
+        }
+        for _ in 0..ROUNDS {
+            for (i, session) in sessions.iter_mut().enumerate() {
+                let started = Instant::now();
+                let (prefill, _) = decode_cycle_in_place(session, layers, width, tokens)?;
+                let decode = started.elapsed() - prefill;
+                steps[i].push(decode.as_secs_f64() * 1e3 / (tokens - 1) as f64);
+                prefills[i].push(prefill.as_secs_f64() * 1e3);
+            }
+        }
+        for (i, graph) in graphs.iter().enumerate() {
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let fastest = steps[i].iter().copied().fold(f64::INFINITY, f64::min);
+            println!(
+                "| {} | {width} | {:.2} | {fastest:.2} | {:.1} | {ROUNDS} |",
+                graph.display(),
+                median(&mut steps[i]),
+                median(&mut prefills[i])
+            );
+        }
+    }
+    Ok(())
 }
 
 const STEP: &str = "lmgrid_worker_decode_step_duration_seconds";
