@@ -23,7 +23,9 @@ pub fn skip_rms_norm(
     assert!(
         k > 0
             && x.len().is_multiple_of(k)
-            && [skip.len(), sum.len(), out.len()].iter().all(|&n| n == x.len()),
+            && [skip.len(), sum.len(), out.len()]
+                .iter()
+                .all(|&n| n == x.len()),
         "skip_rms_norm: rows of {k}: x {}, skip {}, sum {}, out {}",
         x.len(),
         skip.len(),
@@ -56,13 +58,19 @@ mod tests {
     fn rows_are_normalized_like_the_float64_formula_and_the_sum_is_exact() {
         let k = 576;
         let rows = 3;
-        let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3).collect();
-        let skip: Vec<f32> = (0..rows * k).map(|i| ((i * 11 % 53) as f32 - 26.0) * 0.7).collect();
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3)
+            .collect();
+        let skip: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 11 % 53) as f32 - 26.0) * 0.7)
+            .collect();
         let gamma: Vec<f32> = (0..k).map(|i| 0.5 + (i % 9) as f32 * 0.1).collect();
         let (mut sum, mut out) = (vec![0f32; rows * k], vec![0f32; rows * k]);
         skip_rms_norm(&x, &skip, &gamma, 1e-5, &mut sum, &mut out);
         for r in 0..rows {
-            let row: Vec<f64> = (0..k).map(|i| f64::from(x[r * k + i] + skip[r * k + i])).collect();
+            let row: Vec<f64> = (0..k)
+                .map(|i| f64::from(x[r * k + i] + skip[r * k + i]))
+                .collect();
             let rms = (row.iter().map(|v| v * v).sum::<f64>() / k as f64 + 1e-5).sqrt();
             for i in 0..k {
                 assert_eq!(sum[r * k + i], x[r * k + i] + skip[r * k + i]);
@@ -76,7 +84,14 @@ mod tests {
         }
         // A row alone gives the bits it gives among others.
         let (mut one_sum, mut one) = (vec![0f32; k], vec![0f32; k]);
-        skip_rms_norm(&x[k..2 * k], &skip[k..2 * k], &gamma, 1e-5, &mut one_sum, &mut one);
+        skip_rms_norm(
+            &x[k..2 * k],
+            &skip[k..2 * k],
+            &gamma,
+            1e-5,
+            &mut one_sum,
+            &mut one,
+        );
         assert_eq!(one, out[k..2 * k]);
     }
 
@@ -84,7 +99,14 @@ mod tests {
     fn a_zero_row_stays_zero() {
         let k = 64;
         let (mut sum, mut out) = (vec![1f32; k], vec![1f32; k]);
-        skip_rms_norm(&vec![0.0; k], &vec![0.0; k], &vec![1.0; k], 1e-6, &mut sum, &mut out);
+        skip_rms_norm(
+            &vec![0.0; k],
+            &vec![0.0; k],
+            &vec![1.0; k],
+            1e-6,
+            &mut sum,
+            &mut out,
+        );
         assert!(out.iter().chain(&sum).all(|&v| v == 0.0));
     }
 }

@@ -162,9 +162,9 @@ impl Kernel for MatMulQ4Kernel {
                         &**skip_shape, &**shape
                     )));
                 }
-                let gamma_value = ctx.input(5)?.ok_or_else(|| {
-                    ort::Error::new("MatMulQ4: skip needs gamma (input 5) too")
-                })?;
+                let gamma_value = ctx
+                    .input(5)?
+                    .ok_or_else(|| ort::Error::new("MatMulQ4: skip needs gamma (input 5) too"))?;
                 let (_, gamma) = gamma_value.try_extract_tensor::<f32>()?;
                 if gamma.len() != k {
                     return Err(ort::Error::new(format!(
@@ -400,8 +400,13 @@ fn input<'a>(ctx: &'a ComputeContext, i: usize) -> ort::Result<ort::value::Value
 /// and the leading dimensions, which the output keeps.
 fn tokens(op: &str, shape: &ort::value::Shape, k: usize) -> ort::Result<(usize, Vec<i64>)> {
     match &**shape {
-        [leading @ .., kk] if !leading.is_empty() && *kk as usize == k && leading.iter().all(|&d| d >= 0) => {
-            Ok((leading.iter().map(|&d| d as usize).product(), leading.to_vec()))
+        [leading @ .., kk]
+            if !leading.is_empty() && *kk as usize == k && leading.iter().all(|&d| d >= 0) =>
+        {
+            Ok((
+                leading.iter().map(|&d| d as usize).product(),
+                leading.to_vec(),
+            ))
         }
         _ => Err(ort::Error::new(format!(
             "{op}: x has shape {:?}; expected [..., K={k}]",

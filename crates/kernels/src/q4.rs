@@ -91,7 +91,11 @@ impl<'a> Q4Matrix<'a> {
     /// # Panics
     /// If `rows` is empty or does not lie within `0..N`.
     pub fn rows(&self, rows: std::ops::Range<usize>) -> Q4Matrix<'a> {
-        assert!(rows.start < rows.end && rows.end <= self.n, "rows {rows:?} of {}", self.n);
+        assert!(
+            rows.start < rows.end && rows.end <= self.n,
+            "rows {rows:?} of {}",
+            self.n
+        );
         let blocks = self.k / BLOCK;
         let (first, last) = (rows.start * blocks, rows.end * blocks);
         Q4Matrix {

@@ -20,7 +20,10 @@ use crate::{Isa, gemm};
 #[allow(unsafe_code)]
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32], isa: Isa) {
     let n = out.len();
-    assert!(gate.len() >= n && up.len() >= n, "swiglu: inputs shorter than the output");
+    assert!(
+        gate.len() >= n && up.len() >= n,
+        "swiglu: inputs shorter than the output"
+    );
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable && Isa::Avx2.available() {
@@ -78,14 +81,30 @@ pub(crate) unsafe fn gated_rows(
         // output of a matrix of `width` rows, all of whose columns are asked;
         // the rest as the caller guarantees.
         unsafe {
-            q4::all_rows(part, xs, sums, interleaved, tokens, into, 0..width, unpacked, isa);
+            q4::all_rows(
+                part,
+                xs,
+                sums,
+                interleaved,
+                tokens,
+                into,
+                0..width,
+                unpacked,
+                isa,
+            );
         }
     }
     for r in 0..tokens {
         // SAFETY: row r's `columns` of the output, valid and unaliased (the
         // caller's guarantee).
-        let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * stride + columns.start), width) };
-        swiglu(&g[r * width..(r + 1) * width], &u[r * width..(r + 1) * width], row, isa);
+        let row =
+            unsafe { std::slice::from_raw_parts_mut(out.add(r * stride + columns.start), width) };
+        swiglu(
+            &g[r * width..(r + 1) * width],
+            &u[r * width..(r + 1) * width],
+            row,
+            isa,
+        );
     }
 }
 
@@ -96,7 +115,10 @@ pub(crate) unsafe fn gated_rows(
 /// # Panics
 /// If N is odd.
 pub fn gated_matmul(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
-    assert!(w.n.is_multiple_of(2), "a gate/up matrix has an even number of rows");
+    assert!(
+        w.n.is_multiple_of(2),
+        "a gate/up matrix has an even number of rows"
+    );
     assert!(isa.available(), "{isa:?} is not available on this CPU");
     let (tokens, half) = (x.len() / w.k, w.n / 2);
     let (mut xs, mut sums, mut interleaved) = (Vec::new(), Vec::new(), Vec::new());
@@ -152,15 +174,26 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     fn exp(x: __m256) -> __m256 {
         // `min` and `max` return their second operand when either is NaN.
-        let x = _mm256_max_ps(_mm256_set1_ps(-87.3), _mm256_min_ps(_mm256_set1_ps(87.3), x));
+        let x = _mm256_max_ps(
+            _mm256_set1_ps(-87.3),
+            _mm256_min_ps(_mm256_set1_ps(87.3), x),
+        );
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
-        // ln 2 = 0.693359375 (exact in 9 bits, so n · it is exact) − 2.12194440e-4.
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_375), x);
+        // ln 2 = 355/512 (exact in 9 bits, so n · it is exact) − 2.12194440e-4.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(355.0 / 512.0), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut p = _mm256_set1_ps(1.0 / 5040.0);
-        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
         // 2^n: n + 127 in the exponent field (n within -126..=126 here).
@@ -207,7 +240,11 @@ mod tests {
         // clamped tails, zero, and lengths that leave a scalar tail.
         let mut gate: Vec<f32> = (-400..=400).map(|i| i as f32 * 0.05).collect();
         gate.extend([-100.0, -87.5, -30.0, -1e-6, 0.0, 1e-6, 30.0, 87.5, 100.0]);
-        let up: Vec<f32> = gate.iter().enumerate().map(|(i, _)| 1.5 - (i % 7) as f32 * 0.4).collect();
+        let up: Vec<f32> = gate
+            .iter()
+            .enumerate()
+            .map(|(i, _)| 1.5 - (i % 7) as f32 * 0.4)
+            .collect();
         for isa in Isa::all_available() {
             for n in [gate.len(), 13, 8, 3] {
                 let mut out = vec![0f32; n];
@@ -262,7 +299,16 @@ mod tests {
 
     #[test]
     fn nan_stays_nan_and_infinities_saturate() {
-        let gate = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let gate = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1.0,
+            2.0,
+            3.0,
+            4.0,
+            5.0,
+        ];
         let up = [1.0; 8];
         for isa in Isa::all_available() {
             let mut out = [0f32; 8];
@@ -271,7 +317,11 @@ mod tests {
             assert_eq!(out[1], f32::INFINITY, "{isa:?}");
             // -inf · σ(-inf): σ is 0 exactly in plain Rust (0 · -inf = NaN),
             // ~1e-38 in the vector path's clamp (-inf · tiny = -inf).
-            assert!(out[2].is_nan() || out[2] == f32::NEG_INFINITY, "{isa:?}: {}", out[2]);
+            assert!(
+                out[2].is_nan() || out[2] == f32::NEG_INFINITY,
+                "{isa:?}: {}",
+                out[2]
+            );
         }
     }
 }
