@@ -10,6 +10,9 @@ use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 
 use lmgrid_proto::lmgrid::v1 as pb;
+use lmgrid_test_support::onnx::{
+    self, AttributeProto, Dim, ElemType, GraphBuilder, OperatorSetIdProto, TensorProto,
+};
 
 use crate::support::{TestWorker, cached_model, linked_repo, state};
 
@@ -230,5 +233,172 @@ async fn the_worker_loads_the_cpu_graph_on_the_cpu_and_refuses_a_missing_one() -
         "{escaping:?}"
     );
     worker.stop().await?;
+    Ok(())
+}
+
+/// A one-node graph: `MatMulQ4` (domain `ai.lmgrid`) over a 4 × 32 matrix of 4-bit blocks
+/// with the skip norm in front and the gating after it, as the converter writes them, and
+/// `attributes` in place of the converter's; `x` and `skip` are graph inputs `[2, 32]`.
+fn fused_graph(dir: &Path, attributes: Vec<AttributeProto>) -> anyhow::Result<std::path::PathBuf> {
+    let half_bytes = |values: &[f32]| -> Vec<u8> {
+        values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect()
+    };
+    let (k, n) = (32i64, 4i64);
+    let q: Vec<u8> = (0..n * 16).map(|i| (i * 37 % 251) as u8).collect();
+    let mut graph = GraphBuilder::new("fused");
+    graph
+        .input("x", ElemType::Float, &[Dim::Fixed(2), Dim::Fixed(k)])
+        .input("skip", ElemType::Float, &[Dim::Fixed(2), Dim::Fixed(k)])
+        .initializer(TensorProto::from_raw("q", ElemType::Uint8, &[n, 1, 16], q))
+        .initializer(TensorProto::from_raw(
+            "scale",
+            ElemType::Float16,
+            &[n, 1],
+            half_bytes(&[0.02, 0.03, 0.015, 0.025]),
+        ))
+        .initializer(TensorProto::from_raw(
+            "minimum",
+            ElemType::Float16,
+            &[n, 1],
+            half_bytes(&[-0.15, -0.2, -0.1, -0.18]),
+        ))
+        .initializer_f32(
+            "gamma",
+            &[k],
+            &(0..k).map(|i| 0.8 + i as f32 * 0.01).collect::<Vec<_>>(),
+        )
+        .node(
+            "MatMulQ4",
+            &["x", "q", "scale", "minimum", "skip", "gamma"],
+            &["y", "sum"],
+            attributes,
+        )
+        .output("y", ElemType::Float, &[Dim::Fixed(2), Dim::Fixed(n / 2)])
+        .output("sum", ElemType::Float, &[Dim::Fixed(2), Dim::Fixed(k)]);
+    let mut model = graph.build();
+    if let Some(graph) = model.graph.as_mut() {
+        graph.node[0].domain = Some(lmgrid_kernels::DOMAIN.into());
+    }
+    model.opset_import.push(OperatorSetIdProto {
+        domain: Some(lmgrid_kernels::DOMAIN.into()),
+        version: Some(1),
+    });
+    Ok(onnx::write_model(dir, &model)?)
+}
+
+fn inputs() -> (Vec<f32>, Vec<f32>) {
+    let x = (0..64)
+        .map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.1)
+        .collect();
+    let skip = (0..64).map(|i| ((i * 7 % 17) as f32 - 8.0) * 0.2).collect();
+    (x, skip)
+}
+
+#[test]
+fn the_fused_matmul_q4_normalizes_multiplies_and_gates_like_its_parts() -> anyhow::Result<()> {
+    use lmgrid_kernels::{Isa, norm, q4, swiglu};
+    let dir = tempfile::tempdir()?;
+    let attributes = vec![
+        AttributeProto::int("K", 32),
+        AttributeProto::int("N", 4),
+        AttributeProto::int("swiglu", 1),
+        AttributeProto::float("epsilon", 1e-5),
+    ];
+    let path = fused_graph(dir.path(), attributes)?;
+    let runtime = Runtime::get(&Default::default())?;
+    let (mut session, _, _) = runtime.session(&path, None, &ProviderConfig::default(), 2)?;
+    let (x, skip) = inputs();
+    let outputs = session.run(ort::inputs![
+        "x" => Tensor::from_array(([2usize, 32], x.clone()))?,
+        "skip" => Tensor::from_array(([2usize, 32], skip.clone()))?,
+    ])?;
+    let (y_shape, y) = outputs["y"].try_extract_tensor::<f32>()?;
+    assert_eq!(&**y_shape, &[2, 2]);
+    let y = y.to_vec();
+    let (_, sum) = outputs["sum"].try_extract_tensor::<f32>()?;
+    let sum = sum.to_vec();
+
+    // The same from the parts, on this CPU's path: bit for bit.
+    let gamma: Vec<f32> = (0..32).map(|i| 0.8 + i as f32 * 0.01).collect();
+    let (mut want_sum, mut normed) = (vec![0f32; 64], vec![0f32; 64]);
+    norm::skip_rms_norm(&x, &skip, &gamma, 1e-5, &mut want_sum, &mut normed);
+    assert_eq!(sum, want_sum, "the second output is x + skip");
+    let q: Vec<u8> = (0..64).map(|i| (i * 37 % 251) as u8).collect();
+    let f16s = |v: &[f32]| {
+        v.iter()
+            .map(|&v| half::f16::from_f32(v))
+            .collect::<Vec<_>>()
+    };
+    let (scale, minimum) = (
+        f16s(&[0.02, 0.03, 0.015, 0.025]),
+        f16s(&[-0.15, -0.2, -0.1, -0.18]),
+    );
+    let w = q4::Q4Matrix::new(32, 4, &q, &scale, &minimum).map_err(anyhow::Error::msg)?;
+    let full = q4::matmul(&w, &normed);
+    let mut want = vec![0f32; 4];
+    for r in 0..2 {
+        let row = &full[r * 4..(r + 1) * 4];
+        swiglu::swiglu(
+            &row[..2],
+            &row[2..],
+            &mut want[r * 2..(r + 1) * 2],
+            Isa::best(),
+        );
+    }
+    assert_eq!(y, want);
+    Ok(())
+}
+
+#[test]
+fn a_malformed_fused_matmul_q4_is_refused_with_the_reason() -> anyhow::Result<()> {
+    let runtime = Runtime::get(&Default::default())?;
+    let (x, skip) = inputs();
+    let cases = [
+        (
+            vec![
+                AttributeProto::int("K", 32),
+                AttributeProto::int("N", 4),
+                AttributeProto::int("swiglu", 2),
+                AttributeProto::float("epsilon", 1e-5),
+            ],
+            "attribute swiglu is 2; it must be 0 or 1",
+        ),
+        (
+            vec![
+                AttributeProto::int("K", 32),
+                AttributeProto::int("N", 4),
+                AttributeProto::int("swiglu", 1),
+                AttributeProto::float("epsilon", -1.0),
+            ],
+            "attribute epsilon is -1; it must be finite and not negative",
+        ),
+        (
+            vec![
+                AttributeProto::int("K", 32),
+                AttributeProto::int("N", 4),
+                AttributeProto::int("swiglu", 1),
+            ],
+            "skip needs a float attribute epsilon",
+        ),
+    ];
+    for (attributes, reason) in cases {
+        let dir = tempfile::tempdir()?;
+        let path = fused_graph(dir.path(), attributes)?;
+        let error = match runtime.session(&path, None, &ProviderConfig::default(), 2) {
+            Err(e) => e.to_string(),
+            Ok((mut session, _, _)) => session
+                .run(ort::inputs![
+                    "x" => Tensor::from_array(([2usize, 32], x.clone()))?,
+                    "skip" => Tensor::from_array(([2usize, 32], skip.clone()))?,
+                ])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "no error".into()),
+        };
+        assert!(error.contains(reason), "{reason:?} not in {error:?}");
+    }
     Ok(())
 }
