@@ -14,12 +14,13 @@ use crate::{Isa, gemm, norm};
 /// Matrix columns one task of the thread pool computes.
 const COLUMNS_PER_TASK: usize = 64;
 
-/// `MatMulQ4(x: f32 [T, K], q: u8 [N, K/32, 16], scale: f16 [N, K/32],
-/// minimum: f16 [N, K/32]) -> y: f32 [T, N]`, attributes `K` and `N`. With
+/// `MatMulQ4(x: f32 [..., K], q: u8 [N, K/32, 16], scale: f16 [N, K/32],
+/// minimum: f16 [N, K/32]) -> y: f32 [..., N]`, attributes `K` and `N`; `x`'s
+/// leading dimensions (T rows in all) are the output's. With
 /// the optional attribute `swiglu = 1` (N even) the matrix is a fused
-/// gate/up projection and `y` is `[T, N/2]`: `silu(x Wᵀ[:, :N/2]) ·
+/// gate/up projection and `y` is `[..., N/2]`: `silu(x Wᵀ[:, :N/2]) ·
 /// x Wᵀ[:, N/2:]` ([`crate::swiglu`]), in place of a graph's `Split`,
-/// `QuickGelu` and `Mul`. With the optional inputs `skip` (f32 `[T, K]`) and
+/// `QuickGelu` and `Mul`. With the optional inputs `skip` (f32, `x`'s shape) and
 /// `gamma` (f32 `[K]`) and the attribute `epsilon`, `x` is first replaced by
 /// `RMSNorm(x + skip) · gamma` ([`crate::norm`]) and the optional second output
 /// is `x + skip`, in place of a graph's `SkipSimplifiedLayerNormalization`.
@@ -301,8 +302,8 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `MatMulQ8(x: f32 [T, K], q: i8 [N, K/32, 32], scale: f32 [N, K/32]) -> y:
-/// f32 [T, N]`, attributes `K` and `N`.
+/// `MatMulQ8(x: f32 [..., K], q: i8 [N, K/32, 32], scale: f32 [N, K/32]) -> y:
+/// f32 [..., N]`, attributes `K` and `N`.
 #[derive(Debug)]
 pub(crate) struct MatMulQ8;
 
