@@ -24,8 +24,17 @@ pub(crate) const FROM_ROWS: usize = 24;
 /// Matrix rows (outputs) one unpacked tile holds: two 16-lane vectors.
 pub(crate) const TILE: usize = 32;
 
-/// Rows of `x` one pass over a tile multiplies: 2 × 8 accumulators.
+/// The most rows of `x` one pass over a tile multiplies.
 pub(crate) const GROUP: usize = 8;
+
+/// Rows of `x` one pass over a tile multiplies on the path `isa`: on AVX2 6,
+/// its 6 × 16 microkernel's (12 accumulators of 16 registers; a group of 8
+/// left 2 rows to a slower 2 × 32 pass), elsewhere [`GROUP`] (2 × 8
+/// accumulators of AVX-512's 32). Grouping does not change any output's
+/// order of summation.
+pub(crate) fn group(isa: Isa) -> usize {
+    if isa == Isa::Avx2 { 6 } else { GROUP }
+}
 
 /// Unpacks matrix rows `first..first + TILE` into `out` (`K × TILE` f32):
 /// `out[p · TILE + c]` is the weight of matrix row `first + c` at position
@@ -66,16 +75,17 @@ pub(crate) unsafe fn unpack_tile(w: &Q4Matrix<'_>, first: usize, out: &mut Vec<f
     }
 }
 
-/// Interleaves the rows of `xs` (split, `tokens × K`) group by group: the
-/// [`GROUP`] rows of group `g` (fewer in the last) start at `g · GROUP · K`,
-/// position `p` of its row `r` at `p · rows + r`, so a pass over a tile reads
-/// its activations in order.
-pub(crate) fn interleave(xs: &[f32], k: usize, out: &mut Vec<f32>) {
+/// Interleaves the rows of `xs` (split, `tokens × K`) group by group for the
+/// path `isa`: the [`group`] rows of group `g` (fewer in the last) start at
+/// `g · group · K`, position `p` of its row `r` at `p · rows + r`, so a pass
+/// over a tile reads its activations in order.
+pub(crate) fn interleave(xs: &[f32], k: usize, isa: Isa, out: &mut Vec<f32>) {
     let tokens = xs.len() / k;
+    let size = group(isa);
     out.clear();
     out.resize(tokens * k, 0.0);
-    for first in (0..tokens).step_by(GROUP) {
-        let rows = (tokens - first).min(GROUP);
+    for first in (0..tokens).step_by(size) {
+        let rows = (tokens - first).min(size);
         let group = &mut out[first * k..(first + rows) * k];
         for r in 0..rows {
             let row = &xs[(first + r) * k..(first + r + 1) * k];

@@ -193,7 +193,7 @@ impl Kernel for MatMulQ4Kernel {
             let half = n / 2;
             let prompt = tokens >= gemm::FROM_ROWS;
             if prompt {
-                gemm::interleave(xs, k, &mut self.interleaved);
+                gemm::interleave(xs, k, isa, &mut self.interleaved);
             }
             let interleaved = &self.interleaved[..];
             // Decode-sized calls: tasks of up to `ROWS` rows and 64 output columns; prompts:
@@ -261,7 +261,7 @@ impl Kernel for MatMulQ4Kernel {
             );
         }
         // Many rows: a task per tile of matrix rows, unpacked once for every row of `x`.
-        gemm::interleave(xs, k, &mut self.interleaved);
+        gemm::interleave(xs, k, isa, &mut self.interleaved);
         let interleaved = &self.interleaved[..];
         in_tiles(
             ctx,

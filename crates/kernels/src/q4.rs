@@ -242,7 +242,7 @@ pub(crate) fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
     let mut y = vec![0f32; tokens * w.n];
     let (mut interleaved, mut unpacked) = (Vec::new(), Vec::new());
     let step = if tokens >= gemm::FROM_ROWS {
-        gemm::interleave(&xs, w.k, &mut interleaved);
+        gemm::interleave(&xs, w.k, isa, &mut interleaved);
         gemm::TILE
     } else {
         w.n
@@ -300,8 +300,9 @@ pub(crate) unsafe fn all_rows(
         // SAFETY: `isa` is available (the caller's guarantee); the tile's
         // matrix rows exist as `columns` lies within 0..N.
         unsafe { gemm::unpack_tile(w, columns.start, unpacked, isa) };
-        for first in (0..tokens).step_by(gemm::GROUP) {
-            let rows = (tokens - first).min(gemm::GROUP);
+        let size = gemm::group(isa);
+        for first in (0..tokens).step_by(size) {
+            let rows = (tokens - first).min(size);
             // SAFETY: rows `first..first + rows` and the tile's columns, as
             // the caller guarantees.
             unsafe {

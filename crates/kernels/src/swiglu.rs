@@ -125,7 +125,7 @@ pub fn gated_matmul(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
     q4::split_blocks(&x[..tokens * w.k], w.k, &mut xs);
     q4::block_sums(&xs, w.k, &mut sums);
     let step = if tokens >= gemm::FROM_ROWS {
-        gemm::interleave(&xs, w.k, &mut interleaved);
+        gemm::interleave(&xs, w.k, isa, &mut interleaved);
         gemm::TILE
     } else {
         half
