@@ -23,6 +23,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use half::f16;
+use lmgrid_kernels::packed::PackedQ4;
 use lmgrid_kernels::q4::{self, Q4Matrix};
 use lmgrid_kernels::q8::{self, Q8Matrix};
 
@@ -40,6 +41,8 @@ enum Stored {
         q: Vec<u8>,
         scale: Vec<f16>,
         minimum: Vec<f16>,
+        /// The operator's repacked form, where it repacks (AVX2).
+        packed: Option<PackedQ4>,
     },
     Q8 {
         k: usize,
@@ -75,11 +78,16 @@ impl Stored {
     fn multiply(&self, x: &[f32]) -> Vec<f32> {
         match self {
             Stored::Q4 {
+                packed: Some(packed),
+                ..
+            } => packed.matmul(x),
+            Stored::Q4 {
                 k,
                 n,
                 q,
                 scale,
                 minimum,
+                packed: None,
             } => q4::matmul(&Q4Matrix::new(*k, *n, q, scale, minimum).expect("sizes"), x),
             Stored::Q8 { k, n, q, scale } => {
                 q8::matmul(&Q8Matrix::new(*k, *n, q, scale).expect("sizes"), x)
@@ -124,16 +132,23 @@ impl Rng {
 
 fn q4_matrix(rng: &mut Rng, n: usize, k: usize) -> Stored {
     let blocks = n * k / q4::BLOCK;
+    let q: Vec<u8> = (0..blocks * 16).map(|_| rng.next() as u8).collect();
+    let scale: Vec<f16> = (0..blocks)
+        .map(|_| f16::from_f32((rng.next() % 1000) as f32 * 2e-5))
+        .collect();
+    let minimum: Vec<f16> = (0..blocks)
+        .map(|_| f16::from_f32(-((rng.next() % 1000) as f32) * 1.6e-4))
+        .collect();
+    let packed = (lmgrid_kernels::Isa::best() == lmgrid_kernels::Isa::Avx2
+        && std::env::var_os("LMGRID_BENCH_UNPACKED").is_none())
+    .then(|| PackedQ4::new(&Q4Matrix::new(k, n, &q, &scale, &minimum).expect("sizes")));
     Stored::Q4 {
         k,
         n,
-        q: (0..blocks * 16).map(|_| rng.next() as u8).collect(),
-        scale: (0..blocks)
-            .map(|_| f16::from_f32((rng.next() % 1000) as f32 * 2e-5))
-            .collect(),
-        minimum: (0..blocks)
-            .map(|_| f16::from_f32(-((rng.next() % 1000) as f32) * 1.6e-4))
-            .collect(),
+        q,
+        scale,
+        minimum,
+        packed,
     }
 }
 

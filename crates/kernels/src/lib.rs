@@ -17,6 +17,7 @@ mod dot;
 mod gemm;
 pub mod norm;
 mod op;
+pub mod packed;
 pub mod q4;
 pub mod q8;
 pub mod swiglu;

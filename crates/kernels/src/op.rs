@@ -7,12 +7,18 @@ use ort::operator::{
 };
 use ort::value::TensorElementType;
 
+use crate::packed::{self, PackedQ4};
 use crate::q4::{self, Q4Matrix};
 use crate::q8::{self, Q8Matrix};
 use crate::{Isa, gemm, norm};
 
 /// Matrix columns one task of the thread pool computes.
 const COLUMNS_PER_TASK: usize = 64;
+
+/// Matrix columns one task computes on the packed AVX2 path, for every row
+/// of the call: two groups (576 outputs make 18 tasks, which two threads
+/// share evenly).
+const PACKED_COLUMNS_PER_TASK: usize = 2 * packed::GROUP;
 
 /// `MatMulQ4(x: f32 [..., K], q: u8 [N, K/32, 16], scale: f16 [N, K/32],
 /// minimum: f16 [N, K/32]) -> y: f32 [..., N]`, attributes `K` and `N`; `x`'s
@@ -42,6 +48,40 @@ pub(crate) struct MatMulQ4Kernel {
     split: Vec<f32>,
     sums: Vec<f32>,
     interleaved: Vec<f32>,
+    /// On AVX2, the weights repacked ([`crate::packed`]): the whole matrix,
+    /// or with `swiglu` its gate and up halves. Packed once when the kernel
+    /// is created if the weights are constant (initializers), else on every
+    /// call.
+    packed: Vec<PackedQ4>,
+    /// Whether `packed` holds the constant weights.
+    packed_once: bool,
+}
+
+/// `w` repacked for the AVX2 path: whole, or as its gate and up halves.
+fn pack(w: &Q4Matrix<'_>, swiglu: bool) -> Vec<PackedQ4> {
+    if swiglu {
+        let half = w.n / 2;
+        vec![
+            PackedQ4::new(&w.rows(0..half)),
+            PackedQ4::new(&w.rows(half..w.n)),
+        ]
+    } else {
+        vec![PackedQ4::new(w)]
+    }
+}
+
+/// The weights (inputs 1 to 3) packed for AVX2 when they are constant and
+/// well formed; `None` leaves packing, or naming what is wrong, to `compute`.
+fn pack_constant(ctx: &KernelContext<'_>, k: usize, n: usize, swiglu: bool) -> Option<Vec<PackedQ4>> {
+    use ort::value::DynTensorValueType;
+    let q = ctx.constant_input::<DynTensorValueType>(1).ok()?;
+    let scale = ctx.constant_input::<DynTensorValueType>(2).ok()?;
+    let minimum = ctx.constant_input::<DynTensorValueType>(3).ok()?;
+    let (_, q) = q.try_extract_tensor::<u8>().ok()?;
+    let (_, scale) = scale.try_extract_tensor::<half::f16>().ok()?;
+    let (_, minimum) = minimum.try_extract_tensor::<half::f16>().ok()?;
+    let w = Q4Matrix::new(k, n, q, scale, minimum).ok()?;
+    Some(pack(&w, swiglu))
 }
 
 impl Operator for MatMulQ4 {
@@ -110,6 +150,11 @@ impl Operator for MatMulQ4 {
                 "MatMulQ4: attribute epsilon is {e}; it must be finite and not negative"
             )));
         }
+        let packed = if Isa::best() == Isa::Avx2 {
+            pack_constant(ctx, k, n, swiglu)
+        } else {
+            None
+        };
         Ok(MatMulQ4Kernel {
             k,
             n,
@@ -119,6 +164,8 @@ impl Operator for MatMulQ4 {
             split: Vec::new(),
             sums: Vec::new(),
             interleaved: Vec::new(),
+            packed_once: packed.is_some(),
+            packed: packed.unwrap_or_default(),
         })
     }
 }
@@ -185,6 +232,13 @@ impl Kernel for MatMulQ4Kernel {
                 &self.normed
             }
         };
+        if isa == Isa::Avx2 {
+            if !self.packed_once {
+                self.packed = pack(&w, self.swiglu);
+            }
+            q4::block_sums(x, k, &mut self.sums);
+            return packed_product(ctx, &leading, x, &self.sums, tokens, &self.packed);
+        }
         q4::split_blocks(x, k, &mut self.split);
         q4::block_sums(&self.split, k, &mut self.sums);
         let (xs, sums) = (&self.split[..], &self.sums[..]);
@@ -293,6 +347,82 @@ impl Kernel for MatMulQ4Kernel {
             },
         )
     }
+}
+
+/// The packed AVX2 path ([`crate::packed`]) of `MatMulQ4`: `x` (`tokens`
+/// rows, in its own order) with its block sums, against `parts` — the
+/// whole matrix, or the gate and up halves whose product is gated. A task
+/// per [`PACKED_COLUMNS_PER_TASK`] outputs, for every row.
+fn packed_product(
+    ctx: &ComputeContext,
+    leading: &[i64],
+    x: &[f32],
+    sums: &[f32],
+    tokens: usize,
+    parts: &[PackedQ4],
+) -> ort::Result<()> {
+    let (k, per_row) = (parts[0].k(), q4::sums_per_row(parts[0].k()));
+    debug_assert!(x.len() >= tokens * k && sums.len() >= tokens * per_row);
+    let rows = tokens.max(1);
+    if let [gate, up] = parts {
+        let half = gate.n();
+        return in_tiles(
+            ctx,
+            "MatMulQ4",
+            leading,
+            tokens,
+            half,
+            rows,
+            PACKED_COLUMNS_PER_TASK,
+            |_, rows, out, columns| {
+                SCRATCH.with_borrow_mut(|scratch| {
+                    let width = columns.len();
+                    if scratch.len() < 2 * rows * width {
+                        scratch.resize(2 * rows * width, 0.0);
+                    }
+                    let (g, u) = scratch.split_at_mut(rows * width);
+                    // SAFETY: `g` and `u` hold `[rows, width]` each, owned by this
+                    // thread; `columns` lie within the halves' 0..N/2 and start on a
+                    // group (tasks of whole groups); AVX2 is this CPU's (`isa`).
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        packed::rows(gate, x, sums, rows, g.as_mut_ptr(), width, columns.clone());
+                        packed::rows(up, x, sums, rows, u.as_mut_ptr(), width, columns.clone());
+                    }
+                    for r in 0..rows {
+                        // SAFETY: row r's `columns` of the `[tokens, N/2]` output, which
+                        // `in_tiles` hands this task alone.
+                        #[allow(unsafe_code)]
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(out.add(r * half + columns.start), width)
+                        };
+                        let (g, u) = (&g[r * width..(r + 1) * width], &u[r * width..(r + 1) * width]);
+                        crate::swiglu::swiglu(g, u, row, Isa::Avx2);
+                    }
+                });
+            },
+        );
+    }
+    let whole = &parts[0];
+    let n = whole.n();
+    in_tiles(
+        ctx,
+        "MatMulQ4",
+        leading,
+        tokens,
+        n,
+        rows,
+        PACKED_COLUMNS_PER_TASK,
+        |_, rows, out, columns| {
+            // SAFETY: `in_tiles` hands this task every row of `columns` (which
+            // start on a group) alone, `out` at row 0 of the `[tokens, N]`
+            // output; AVX2 is this CPU's.
+            #[allow(unsafe_code)]
+            unsafe {
+                packed::rows(whole, x, sums, rows, out.add(columns.start), n, columns);
+            }
+        },
+    )
 }
 
 thread_local! {

@@ -235,6 +235,9 @@ pub fn matmul(w: &Q4Matrix<'_>, x: &[f32]) -> Vec<f32> {
 }
 
 pub(crate) fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
+    if isa == Isa::Avx2 {
+        return crate::packed::PackedQ4::new(w).matmul(x);
+    }
     let tokens = x.len() / w.k;
     let (mut xs, mut sums) = (Vec::new(), Vec::new());
     split_blocks(&x[..tokens * w.k], w.k, &mut xs);

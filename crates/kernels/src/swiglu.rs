@@ -121,6 +121,14 @@ pub fn gated_matmul(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
     );
     assert!(isa.available(), "{isa:?} is not available on this CPU");
     let (tokens, half) = (x.len() / w.k, w.n / 2);
+    if isa == Isa::Avx2 {
+        // The operator's AVX2 path: the halves packed, each multiplied whole.
+        let gate = crate::packed::PackedQ4::new(&w.rows(0..half)).matmul(x);
+        let up = crate::packed::PackedQ4::new(&w.rows(half..w.n)).matmul(x);
+        let mut y = vec![0f32; tokens * half];
+        swiglu(&gate, &up, &mut y, isa);
+        return y;
+    }
     let (mut xs, mut sums, mut interleaved) = (Vec::new(), Vec::new(), Vec::new());
     q4::split_blocks(&x[..tokens * w.k], w.k, &mut xs);
     q4::block_sums(&xs, w.k, &mut sums);

@@ -239,32 +239,58 @@ async fn the_worker_loads_the_cpu_graph_on_the_cpu_and_refuses_a_missing_one() -
 /// A one-node graph: `MatMulQ4` (domain `ai.lmgrid`) over a 4 × 32 matrix of 4-bit blocks
 /// with the skip norm in front and the gating after it, as the converter writes them, and
 /// `attributes` in place of the converter's; `x` and `skip` are graph inputs `[2, 32]`.
-fn fused_graph(dir: &Path, attributes: Vec<AttributeProto>) -> anyhow::Result<std::path::PathBuf> {
-    let half_bytes = |values: &[f32]| -> Vec<u8> {
-        values
-            .iter()
-            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-            .collect()
+/// The fused graph's weights: nibbles, scales and minimums of a `[4, 32]` matrix.
+fn fused_weights() -> (Vec<u8>, Vec<half::f16>, Vec<half::f16>) {
+    let f16s = |v: &[f32]| {
+        v.iter()
+            .map(|&v| half::f16::from_f32(v))
+            .collect::<Vec<_>>()
+    };
+    (
+        (0..64).map(|i| (i * 37 % 251) as u8).collect(),
+        f16s(&[0.02, 0.03, 0.015, 0.025]),
+        f16s(&[-0.15, -0.2, -0.1, -0.18]),
+    )
+}
+
+/// A one-node graph of a fused `MatMulQ4` over [`fused_weights`]: as
+/// initializers, or (`weights_fed`) as graph inputs `q`, `scale`, `minimum`.
+fn fused_graph(
+    dir: &Path,
+    attributes: Vec<AttributeProto>,
+    weights_fed: bool,
+) -> anyhow::Result<std::path::PathBuf> {
+    let half_bytes = |values: &[half::f16]| -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
     };
     let (k, n) = (32i64, 4i64);
-    let q: Vec<u8> = (0..n * 16).map(|i| (i * 37 % 251) as u8).collect();
+    let (q, scale, minimum) = fused_weights();
     let mut graph = GraphBuilder::new("fused");
     graph
         .input("x", ElemType::Float, &[Dim::Fixed(2), Dim::Fixed(k)])
-        .input("skip", ElemType::Float, &[Dim::Fixed(2), Dim::Fixed(k)])
-        .initializer(TensorProto::from_raw("q", ElemType::Uint8, &[n, 1, 16], q))
-        .initializer(TensorProto::from_raw(
-            "scale",
-            ElemType::Float16,
-            &[n, 1],
-            half_bytes(&[0.02, 0.03, 0.015, 0.025]),
-        ))
-        .initializer(TensorProto::from_raw(
-            "minimum",
-            ElemType::Float16,
-            &[n, 1],
-            half_bytes(&[-0.15, -0.2, -0.1, -0.18]),
-        ))
+        .input("skip", ElemType::Float, &[Dim::Fixed(2), Dim::Fixed(k)]);
+    if weights_fed {
+        graph
+            .input("q", ElemType::Uint8, &[Dim::Fixed(n), Dim::Fixed(1), Dim::Fixed(16)])
+            .input("scale", ElemType::Float16, &[Dim::Fixed(n), Dim::Fixed(1)])
+            .input("minimum", ElemType::Float16, &[Dim::Fixed(n), Dim::Fixed(1)]);
+    } else {
+        graph
+            .initializer(TensorProto::from_raw("q", ElemType::Uint8, &[n, 1, 16], q))
+            .initializer(TensorProto::from_raw(
+                "scale",
+                ElemType::Float16,
+                &[n, 1],
+                half_bytes(&scale),
+            ))
+            .initializer(TensorProto::from_raw(
+                "minimum",
+                ElemType::Float16,
+                &[n, 1],
+                half_bytes(&minimum),
+            ));
+    }
+    graph
         .initializer_f32(
             "gamma",
             &[k],
@@ -297,17 +323,44 @@ fn inputs() -> (Vec<f32>, Vec<f32>) {
     (x, skip)
 }
 
-#[test]
-fn the_fused_matmul_q4_normalizes_multiplies_and_gates_like_its_parts() -> anyhow::Result<()> {
-    use lmgrid_kernels::{Isa, norm, q4, swiglu};
-    let dir = tempfile::tempdir()?;
-    let attributes = vec![
+/// The fused node's attributes: K 32, N 4, gated, normalized.
+fn fused_attributes() -> Vec<AttributeProto> {
+    vec![
         AttributeProto::int("K", 32),
         AttributeProto::int("N", 4),
         AttributeProto::int("swiglu", 1),
         AttributeProto::float("epsilon", 1e-5),
-    ];
-    let path = fused_graph(dir.path(), attributes)?;
+    ]
+}
+
+/// The fused node's output for [`inputs`] computed from its parts — norm,
+/// matrix product, gating — on this CPU's path.
+fn fused_from_parts(q: &[u8], scale: &[half::f16], minimum: &[half::f16]) -> anyhow::Result<Vec<f32>> {
+    use lmgrid_kernels::{Isa, norm, q4, swiglu};
+    let (x, skip) = inputs();
+    let gamma: Vec<f32> = (0..32).map(|i| 0.8 + i as f32 * 0.01).collect();
+    let (mut sum, mut normed) = (vec![0f32; 64], vec![0f32; 64]);
+    norm::skip_rms_norm(&x, &skip, &gamma, 1e-5, &mut sum, &mut normed);
+    let w = q4::Q4Matrix::new(32, 4, q, scale, minimum).map_err(anyhow::Error::msg)?;
+    let full = q4::matmul(&w, &normed);
+    let mut want = vec![0f32; 4];
+    for r in 0..2 {
+        let row = &full[r * 4..(r + 1) * 4];
+        swiglu::swiglu(
+            &row[..2],
+            &row[2..],
+            &mut want[r * 2..(r + 1) * 2],
+            Isa::best(),
+        );
+    }
+    Ok(want)
+}
+
+#[test]
+fn the_fused_matmul_q4_normalizes_multiplies_and_gates_like_its_parts() -> anyhow::Result<()> {
+    use lmgrid_kernels::norm;
+    let dir = tempfile::tempdir()?;
+    let path = fused_graph(dir.path(), fused_attributes(), false)?;
     let runtime = Runtime::get(&Default::default())?;
     let (mut session, _, _) = runtime.session(&path, None, &ProviderConfig::default(), 2)?;
     let (x, skip) = inputs();
@@ -326,29 +379,33 @@ fn the_fused_matmul_q4_normalizes_multiplies_and_gates_like_its_parts() -> anyho
     let (mut want_sum, mut normed) = (vec![0f32; 64], vec![0f32; 64]);
     norm::skip_rms_norm(&x, &skip, &gamma, 1e-5, &mut want_sum, &mut normed);
     assert_eq!(sum, want_sum, "the second output is x + skip");
-    let q: Vec<u8> = (0..64).map(|i| (i * 37 % 251) as u8).collect();
-    let f16s = |v: &[f32]| {
-        v.iter()
-            .map(|&v| half::f16::from_f32(v))
-            .collect::<Vec<_>>()
-    };
-    let (scale, minimum) = (
-        f16s(&[0.02, 0.03, 0.015, 0.025]),
-        f16s(&[-0.15, -0.2, -0.1, -0.18]),
-    );
-    let w = q4::Q4Matrix::new(32, 4, &q, &scale, &minimum).map_err(anyhow::Error::msg)?;
-    let full = q4::matmul(&w, &normed);
-    let mut want = vec![0f32; 4];
-    for r in 0..2 {
-        let row = &full[r * 4..(r + 1) * 4];
-        swiglu::swiglu(
-            &row[..2],
-            &row[2..],
-            &mut want[r * 2..(r + 1) * 2],
-            Isa::best(),
-        );
+    let (q, scale, minimum) = fused_weights();
+    assert_eq!(y, fused_from_parts(&q, &scale, &minimum)?);
+    Ok(())
+}
+
+#[test]
+fn matmul_q4_weights_fed_at_run_time_are_used_as_fed_on_every_run() -> anyhow::Result<()> {
+    // Constant weights are repacked once, when the session is created (on AVX2); weights
+    // that are graph inputs must be taken as they are on each run.
+    let dir = tempfile::tempdir()?;
+    let path = fused_graph(dir.path(), fused_attributes(), true)?;
+    let runtime = Runtime::get(&Default::default())?;
+    let (mut session, _, _) = runtime.session(&path, None, &ProviderConfig::default(), 2)?;
+    let (x, skip) = inputs();
+    let (q, scale, minimum) = fused_weights();
+    let reversed: Vec<u8> = q.iter().rev().copied().collect();
+    for q in [q, reversed] {
+        let outputs = session.run(ort::inputs![
+            "x" => Tensor::from_array(([2usize, 32], x.clone()))?,
+            "skip" => Tensor::from_array(([2usize, 32], skip.clone()))?,
+            "q" => Tensor::from_array(([4usize, 1, 16], q.clone()))?,
+            "scale" => Tensor::from_array(([4usize, 1], scale.clone()))?,
+            "minimum" => Tensor::from_array(([4usize, 1], minimum.clone()))?,
+        ])?;
+        let (_, y) = outputs["y"].try_extract_tensor::<f32>()?;
+        assert_eq!(y.to_vec(), fused_from_parts(&q, &scale, &minimum)?);
     }
-    assert_eq!(y, want);
     Ok(())
 }
 
@@ -386,7 +443,7 @@ fn a_malformed_fused_matmul_q4_is_refused_with_the_reason() -> anyhow::Result<()
     ];
     for (attributes, reason) in cases {
         let dir = tempfile::tempdir()?;
-        let path = fused_graph(dir.path(), attributes)?;
+        let path = fused_graph(dir.path(), attributes, false)?;
         let error = match runtime.session(&path, None, &ProviderConfig::default(), 2) {
             Err(e) => e.to_string(),
             Ok((mut session, _, _)) => session
