@@ -1,6 +1,6 @@
 //! The dot-product kernel of the 8-bit format on both instruction sets and
-//! of the 4-bit one on AVX-512 (4-bit on AVX2 has its own,
-//! `q4::avx2::tile`): `C` matrix rows at a
+//! of the 4-bit one on AVX-512 (4-bit on AVX2 multiplies packed weights,
+//! [`crate::packed`]): `C` matrix rows at a
 //! time against `R` rows of `x`, each block of 32 weights unpacked once (by
 //! the format) into vectors (two of 16 lanes with AVX-512, four of 8 with
 //! AVX2) and multiplied-added into one of two accumulators per output, which

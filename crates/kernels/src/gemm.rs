@@ -9,8 +9,9 @@
 //! elements, then their odd ones, block by block), whatever the number of
 //! rows: calls of [`FROM_ROWS`] rows or more give a row the same bits in any
 //! batch. The weights are the same `fl(d · q + m)` as the AVX-512 per-row
-//! path ([`crate::q4::tile`]), whose sums are in another order; the AVX2
-//! per-row path also factors the constants out of each block.
+//! path ([`crate::q4::tile`]), whose sums are in another order. AVX-512 and
+//! the portable loop only: AVX2 CPUs multiply packed weights, one path for
+//! every call ([`crate::packed`]).
 
 use crate::Isa;
 use crate::q4::{BLOCK, Q4Matrix};
@@ -26,15 +27,6 @@ pub(crate) const TILE: usize = 32;
 
 /// The most rows of `x` one pass over a tile multiplies.
 pub(crate) const GROUP: usize = 8;
-
-/// Rows of `x` one pass over a tile multiplies on the path `isa`: on AVX2 6,
-/// its 6 × 16 microkernel's (12 accumulators of 16 registers; a group of 8
-/// left 2 rows to a slower 2 × 32 pass), elsewhere [`GROUP`] (2 × 8
-/// accumulators of AVX-512's 32). Grouping does not change any output's
-/// order of summation.
-pub(crate) fn group(isa: Isa) -> usize {
-    if isa == Isa::Avx2 { 6 } else { GROUP }
-}
 
 /// Unpacks matrix rows `first..first + TILE` into `out` (`K × TILE` f32):
 /// `out[p · TILE + c]` is the weight of matrix row `first + c` at position
@@ -54,8 +46,7 @@ pub(crate) unsafe fn unpack_tile(w: &Q4Matrix<'_>, first: usize, out: &mut Vec<f
         // SAFETY: the CPU has the instruction set (the caller's guarantee);
         // `out` holds K × TILE; matrix rows first..first + TILE exist.
         Isa::Avx512 => unsafe { return avx512::unpack_tile(w, first, out) },
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { return avx2::unpack_tile(w, first, out) },
+        Isa::Avx2 => unreachable!("AVX2 multiplies packed weights (crate::packed)"),
         Isa::Portable => {}
     }
     let mut block = [0f32; BLOCK];
@@ -75,13 +66,13 @@ pub(crate) unsafe fn unpack_tile(w: &Q4Matrix<'_>, first: usize, out: &mut Vec<f
     }
 }
 
-/// Interleaves the rows of `xs` (split, `tokens × K`) group by group for the
-/// path `isa`: the [`group`] rows of group `g` (fewer in the last) start at
-/// `g · group · K`, position `p` of its row `r` at `p · rows + r`, so a pass
-/// over a tile reads its activations in order.
-pub(crate) fn interleave(xs: &[f32], k: usize, isa: Isa, out: &mut Vec<f32>) {
+/// Interleaves the rows of `xs` (split, `tokens × K`) group by group: the
+/// [`GROUP`] rows of group `g` (fewer in the last) start at `g · GROUP ·
+/// K`, position `p` of its row `r` at `p · rows + r`, so a pass over a tile
+/// reads its activations in order.
+pub(crate) fn interleave(xs: &[f32], k: usize, out: &mut Vec<f32>) {
     let tokens = xs.len() / k;
-    let size = group(isa);
+    let size = GROUP;
     out.clear();
     out.resize(tokens * k, 0.0);
     for first in (0..tokens).step_by(size) {
@@ -116,13 +107,7 @@ pub(crate) unsafe fn tile(
     isa: Isa,
 ) {
     debug_assert!(rows <= GROUP && xs.len() >= rows * k && unpacked.len() >= k * TILE);
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        // SAFETY: the CPU has AVX2 and FMA (the caller's guarantee), who
-        // also guarantees the memory conditions.
-        unsafe { avx2::tile(k, unpacked, xs, rows, out, stride) };
-        return;
-    }
+    debug_assert!(isa != Isa::Avx2, "AVX2 multiplies packed weights");
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
         // SAFETY: the CPU has AVX-512F (the caller's guarantee), who also
@@ -288,179 +273,6 @@ mod avx512 {
                 _mm512_storeu_ps(out.add(r * stride), acc[0]);
                 _mm512_storeu_ps(out.add(r * stride + 16), acc[1]);
             }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::TILE;
-    use crate::q4::{BLOCK, Q4Matrix};
-
-    /// Transposes 8 vectors of 8 (`rows[i]` element `j` → `out[j]` element
-    /// `i`).
-    #[target_feature(enable = "avx2")]
-    fn transpose8(rows: [__m256; 8]) -> [__m256; 8] {
-        let mut t = [_mm256_setzero_ps(); 8];
-        for i in 0..4 {
-            t[2 * i] = _mm256_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
-            t[2 * i + 1] = _mm256_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
-        }
-        // u[4h + m], within each 128-bit lane l: column 4l + m of rows 4h .. 4h + 3.
-        let mut u = [_mm256_setzero_ps(); 8];
-        for h in 0..2 {
-            u[4 * h] = _mm256_shuffle_ps::<0x44>(t[4 * h], t[4 * h + 2]);
-            u[4 * h + 1] = _mm256_shuffle_ps::<0xEE>(t[4 * h], t[4 * h + 2]);
-            u[4 * h + 2] = _mm256_shuffle_ps::<0x44>(t[4 * h + 1], t[4 * h + 3]);
-            u[4 * h + 3] = _mm256_shuffle_ps::<0xEE>(t[4 * h + 1], t[4 * h + 3]);
-        }
-        let mut out = [_mm256_setzero_ps(); 8];
-        for m in 0..4 {
-            out[m] = _mm256_permute2f128_ps::<0x20>(u[m], u[4 + m]);
-            out[4 + m] = _mm256_permute2f128_ps::<0x31>(u[m], u[4 + m]);
-        }
-        out
-    }
-
-    /// The AVX2 form of [`super::unpack_tile`]: per block and 8 matrix
-    /// rows, each row's 32 weights as [`crate::q4::avx2::block`] computes
-    /// them, then each quarter's 8 × 8 transposed so that a position along
-    /// K holds the 8 rows.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; `out` holds K × TILE values and
-    /// matrix rows `first..first + TILE` exist.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn unpack_tile(w: &Q4Matrix<'_>, first: usize, out: &mut [f32]) {
-        let blocks = w.k / BLOCK;
-        let base = out.as_mut_ptr();
-        for b in 0..blocks {
-            for group in 0..TILE / 8 {
-                let mut weights = [[_mm256_setzero_ps(); 4]; 8];
-                for (c, weights) in weights.iter_mut().enumerate() {
-                    let i = (first + group * 8 + c) * blocks + b;
-                    // SAFETY: block i exists: matrix row first + group·8 + c
-                    // < N and b < K/32.
-                    *weights = unsafe {
-                        crate::q4::avx2::block(
-                            w.q.as_ptr().add(i * (BLOCK / 2)),
-                            w.scale.get_unchecked(i).to_f32(),
-                            w.minimum.get_unchecked(i).to_f32(),
-                        )
-                    };
-                }
-                let quarters: [[__m256; 8]; 4] =
-                    std::array::from_fn(|part| std::array::from_fn(|c| weights[c][part]));
-                for (part, quarter) in quarters.into_iter().enumerate() {
-                    let columns = transpose8(quarter);
-                    for (p, &column) in columns.iter().enumerate() {
-                        // SAFETY: position b·32 + 8·part + p < K and columns
-                        // group·8 .. group·8 + 8 ≤ TILE: within `out`.
-                        unsafe {
-                            let at = base.add((b * BLOCK + 8 * part + p) * TILE + group * 8);
-                            _mm256_storeu_ps(at, column);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// The rows of one group against one tile, in passes of at most 12
-    /// accumulators (16 registers): 6 rows × 16 columns, the classic AVX2
-    /// shape, while 6 rows are left, then the rest. Per position along K a
-    /// pass loads its weight vectors and broadcasts each row's activation
-    /// into them. Each output is summed along K in the order the AVX-512
-    /// path sums it, so both give the same bits.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available; the conditions of [`super::tile`]
-    /// hold.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile(
-        k: usize,
-        unpacked: &[f32],
-        xs: &[f32],
-        rows: usize,
-        out: *mut f32,
-        stride: usize,
-    ) {
-        let at = Pass {
-            k,
-            unpacked,
-            xs,
-            rows,
-            out,
-            stride,
-        };
-        let mut r0 = 0;
-        while r0 < rows {
-            // SAFETY: rows r0.. < rows and columns within the tile (the
-            // caller's guarantee covers them all); each pass returns its rows.
-            let done = unsafe {
-                match rows - r0 {
-                    1 => at.run::<1, 4>(r0, 0),
-                    2 => at.run::<2, 4>(r0, 0),
-                    3 => at.run::<3, 4>(r0, 0),
-                    4 => at.run::<4, 2>(r0, 0).max(at.run::<4, 2>(r0, 16)),
-                    5 => at.run::<5, 2>(r0, 0).max(at.run::<5, 2>(r0, 16)),
-                    _ => at.run::<6, 2>(r0, 0).max(at.run::<6, 2>(r0, 16)),
-                }
-            };
-            r0 += done;
-        }
-    }
-
-    /// One call of [`tile`]'s arguments.
-    struct Pass<'a> {
-        k: usize,
-        unpacked: &'a [f32],
-        xs: &'a [f32],
-        rows: usize,
-        out: *mut f32,
-        stride: usize,
-    }
-
-    impl Pass<'_> {
-        /// Rows `r0..r0 + S` of the group against the tile's columns
-        /// `c0..c0 + 8V`; returns S.
-        ///
-        /// # Safety
-        /// AVX2 and FMA must be available; `r0 + S ≤ rows`, `c0 + 8V ≤
-        /// TILE`, and the conditions of [`super::tile`] hold.
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn run<const S: usize, const V: usize>(&self, r0: usize, c0: usize) -> usize {
-            let (w, x) = (self.unpacked.as_ptr(), self.xs.as_ptr());
-            let mut acc = [[_mm256_setzero_ps(); V]; S];
-            for p in 0..self.k {
-                let mut weights = [_mm256_setzero_ps(); V];
-                for (v, weight) in weights.iter_mut().enumerate() {
-                    // SAFETY: p < K and c0 + 8v + 8 ≤ TILE: within the K ×
-                    // TILE values of `unpacked`.
-                    *weight = unsafe { _mm256_loadu_ps(w.add(p * TILE + c0 + 8 * v)) };
-                }
-                for (s, acc) in acc.iter_mut().enumerate() {
-                    // SAFETY: the group's `rows` interleaved rows of K are in
-                    // `xs`, and r0 + s < rows.
-                    let xb = unsafe { _mm256_set1_ps(*x.add(p * self.rows + r0 + s)) };
-                    for (a, &weight) in acc.iter_mut().zip(&weights) {
-                        *a = _mm256_fmadd_ps(weight, xb, *a);
-                    }
-                }
-            }
-            for (s, acc) in acc.iter().enumerate() {
-                for (v, &a) in acc.iter().enumerate() {
-                    // SAFETY: row r0 + s < rows and columns c0 + 8v.. + 8 ≤
-                    // TILE, valid and unaliased as the caller guarantees.
-                    unsafe {
-                        _mm256_storeu_ps(self.out.add((r0 + s) * self.stride + c0 + 8 * v), a)
-                    };
-                }
-            }
-            S
         }
     }
 }

@@ -43,8 +43,9 @@ pub(crate) struct MatMulQ4Kernel {
     epsilon: Option<f32>,
     /// The normalized activations, with `skip` and `gamma`, reused across calls.
     normed: Vec<f32>,
-    /// The activations reordered for the kernels and their block sums,
-    /// reused across calls.
+    /// Reused across calls: the activations reordered for the AVX-512 and
+    /// portable kernels (split, and interleaved for prompts), and their block
+    /// sums for the AVX2 one.
     split: Vec<f32>,
     sums: Vec<f32>,
     interleaved: Vec<f32>,
@@ -72,7 +73,12 @@ fn pack(w: &Q4Matrix<'_>, swiglu: bool) -> Vec<PackedQ4> {
 
 /// The weights (inputs 1 to 3) packed for AVX2 when they are constant and
 /// well formed; `None` leaves packing, or naming what is wrong, to `compute`.
-fn pack_constant(ctx: &KernelContext<'_>, k: usize, n: usize, swiglu: bool) -> Option<Vec<PackedQ4>> {
+fn pack_constant(
+    ctx: &KernelContext<'_>,
+    k: usize,
+    n: usize,
+    swiglu: bool,
+) -> Option<Vec<PackedQ4>> {
     use ort::value::DynTensorValueType;
     let q = ctx.constant_input::<DynTensorValueType>(1).ok()?;
     let scale = ctx.constant_input::<DynTensorValueType>(2).ok()?;
@@ -240,14 +246,12 @@ impl Kernel for MatMulQ4Kernel {
             return packed_product(ctx, &leading, x, &self.sums, tokens, &self.packed);
         }
         q4::split_blocks(x, k, &mut self.split);
-        q4::block_sums(&self.split, k, &mut self.sums);
-        let (xs, sums) = (&self.split[..], &self.sums[..]);
-        let per_row = q4::sums_per_row(k);
+        let xs = &self.split[..];
         if self.swiglu {
             let half = n / 2;
             let prompt = tokens >= gemm::FROM_ROWS;
             if prompt {
-                gemm::interleave(xs, k, isa, &mut self.interleaved);
+                gemm::interleave(xs, k, &mut self.interleaved);
             }
             let interleaved = &self.interleaved[..];
             // Decode-sized calls: tasks of up to `ROWS` rows and 64 output columns; prompts:
@@ -273,12 +277,11 @@ impl Kernel for MatMulQ4Kernel {
                             // output; `isa` is this CPU's.
                             #[allow(unsafe_code)]
                             unsafe {
-                                let (xs, sums) = (&xs[first * k..], &sums[first * per_row..]);
+                                let xs = &xs[first * k..];
                                 let interleaved = if prompt { interleaved } else { &[] };
                                 crate::swiglu::gated_rows(
                                     &w,
                                     xs,
-                                    sums,
                                     interleaved,
                                     rows,
                                     out,
@@ -308,14 +311,13 @@ impl Kernel for MatMulQ4Kernel {
                     // `isa` is this CPU's.
                     #[allow(unsafe_code)]
                     unsafe {
-                        let (xs, sums) = (&xs[first * k..], &sums[first * per_row..]);
-                        q4::tile(&w, xs, sums, rows, out, n, columns, isa);
+                        q4::tile(&w, &xs[first * k..], rows, out, n, columns, isa);
                     }
                 },
             );
         }
         // Many rows: a task per tile of matrix rows, unpacked once for every row of `x`.
-        gemm::interleave(xs, k, isa, &mut self.interleaved);
+        gemm::interleave(xs, k, &mut self.interleaved);
         let interleaved = &self.interleaved[..];
         in_tiles(
             ctx,
@@ -331,17 +333,7 @@ impl Kernel for MatMulQ4Kernel {
                     // `isa` is this CPU's.
                     #[allow(unsafe_code)]
                     unsafe {
-                        q4::all_rows(
-                            &w,
-                            xs,
-                            sums,
-                            interleaved,
-                            tokens,
-                            out,
-                            columns,
-                            unpacked,
-                            isa,
-                        );
+                        q4::all_rows(&w, xs, interleaved, tokens, out, columns, unpacked, isa);
                     }
                 });
             },
@@ -396,7 +388,10 @@ fn packed_product(
                         let row = unsafe {
                             std::slice::from_raw_parts_mut(out.add(r * half + columns.start), width)
                         };
-                        let (g, u) = (&g[r * width..(r + 1) * width], &u[r * width..(r + 1) * width]);
+                        let (g, u) = (
+                            &g[r * width..(r + 1) * width],
+                            &u[r * width..(r + 1) * width],
+                        );
                         crate::swiglu::swiglu(g, u, row, Isa::Avx2);
                     }
                 });

@@ -312,8 +312,10 @@ mod avx2 {
                     };
                     for r in 0..R {
                         // SAFETY: row r's sums hold `per_row` ≥ K/32 values.
-                        let s = unsafe { _mm256_broadcast_ss(&*self.sums.add(r * self.per_row + b)) };
-                        total[r][v] = _mm256_fmadd_ps(m, s, _mm256_fmadd_ps(d, acc[r][v], total[r][v]));
+                        let s =
+                            unsafe { _mm256_broadcast_ss(&*self.sums.add(r * self.per_row + b)) };
+                        total[r][v] =
+                            _mm256_fmadd_ps(m, s, _mm256_fmadd_ps(d, acc[r][v], total[r][v]));
                     }
                 }
             }
@@ -347,7 +349,14 @@ mod tests {
     fn shapes() -> [(usize, usize); 6] {
         // N = 67 and 35: a padded last group; N = 16 and 48: one and three whole groups
         // (a lone row takes two at a time, so one is left); K = 1536 like ffn_down.
-        [(64, 67), (1536, 48), (576, 96), (96, 35), (576, 16), (32, 200)]
+        [
+            (64, 67),
+            (1536, 48),
+            (576, 96),
+            (96, 35),
+            (576, 16),
+            (32, 200),
+        ]
     }
 
     #[test]
@@ -441,7 +450,11 @@ mod tests {
             rows(&p, &x, &sums, 5, part.as_mut_ptr(), 40, 16..56)
         };
         for t in 0..5 {
-            assert_eq!(part[t * 40..(t + 1) * 40], all[t * n + 16..t * n + 56], "row {t}");
+            assert_eq!(
+                part[t * 40..(t + 1) * 40],
+                all[t * n + 16..t * n + 56],
+                "row {t}"
+            );
         }
     }
 }

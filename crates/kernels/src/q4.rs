@@ -3,15 +3,15 @@
 //! minimum `m`, as the GGUF stores them, and weight `i` of the block is
 //! `d · qᵢ + m` for a nibble `qᵢ` in 0..15.
 //!
-//! The AVX-512 path (and the prompt path, [`gemm`], on either instruction
-//! set) dequantizes each weight as `fl(d · q + m)`, one rounding (a fused
+//! The AVX-512 paths (per row and, for prompts, [`gemm`]) and the portable
+//! one dequantize each weight as `fl(d · q + m)`, one rounding (a fused
 //! multiply-add), which is exactly the fp32 value a converter that
-//! dequantizes the same blocks ahead of time stores, and sums the products
+//! dequantizes the same blocks ahead of time stores, and sum the products
 //! in f32: an fp32 matrix product of the dequantized weights, differing
-//! from one only in summation order. The AVX2 per-row path factors each
-//! block's constants out instead, `d · Σ x·q + m · Σ x` in f32 (the same sum
-//! in exact arithmetic; two multiply-adds per block and row fewer, see
-//! [`avx2::tile`]). Neither rounds the activations (unlike int8 kernels).
+//! from one only in summation order. AVX2 CPUs multiply the weights
+//! repacked ([`crate::packed`]) and factor each block's constants out,
+//! `d · Σ x·q + m · Σ x` in f32 (the same sum in exact arithmetic). None
+//! rounds the activations (unlike int8 kernels).
 //!
 //! Nibbles are packed two per byte in the order ONNX Runtime's
 //! `MatMulNBits` uses: byte `j` of a block holds element `2j` in its low
@@ -133,16 +133,17 @@ pub fn split_blocks(x: &[f32], k: usize, out: &mut Vec<f32>) {
     debug_assert_eq!(out.len() % k, 0);
 }
 
-/// Blocks of one row of [`block_sums`]: K/32 rounded up to a multiple of 8
-/// (the AVX2 kernel reads them 8 at a time), the sums past K/32 zero.
+/// Blocks of one row of [`block_sums`]: K/32 rounded up to a multiple of 8,
+/// the sums past K/32 zero.
 pub(crate) fn sums_per_row(k: usize) -> usize {
     (k / BLOCK).next_multiple_of(8)
 }
 
-/// The sum of each block of 32 values of each row of `x` (`k` values a row),
-/// [`sums_per_row`] to a row: the AVX2 kernel multiplies them by the blocks'
-/// minimums. Each is a function of its block alone, so a row's sums do not
-/// depend on the rows beside it.
+/// The sum of each block of 32 values of each row of `x` (`k` values a row,
+/// summed in their order), [`sums_per_row`] to a row: the AVX2 kernel
+/// ([`crate::packed`]) multiplies them by the blocks' minimums. Each is a
+/// function of its block alone, so a row's sums do not depend on the rows
+/// beside it.
 pub fn block_sums(x: &[f32], k: usize, out: &mut Vec<f32>) {
     let per_row = sums_per_row(k);
     out.clear();
@@ -167,21 +168,19 @@ pub fn accelerated() -> bool {
 pub const ROWS: usize = 4;
 
 /// Computes `out[r · stride + c] = Σ_k xs[r · K + k] · W[c, k]` for the
-/// `rows` (≤ [`ROWS`]) rows of `xs` (already [`split_blocks`]), whose
-/// [`block_sums`] are `sums`, and the matrix rows `columns`, on the path
-/// `isa`.
+/// `rows` (≤ [`ROWS`]) rows of `xs` (already [`split_blocks`]) and the
+/// matrix rows `columns`, on the path `isa` (AVX-512 or portable; AVX2
+/// multiplies packed weights).
 ///
 /// # Safety
 /// `isa` must be available on this CPU; `out` must be valid for writes at
 /// `r · stride + c` for every `r < rows` and `c` in `columns`, and nothing
 /// else may access those elements during the call; `xs` must hold `rows ·
-/// K` values and `sums` `rows ·` [`sums_per_row`]; `columns` must lie within
-/// `0..N`.
-#[allow(unsafe_code, clippy::too_many_arguments)]
+/// K` values; `columns` must lie within `0..N`.
+#[allow(unsafe_code)]
 pub(crate) unsafe fn tile(
     w: &Q4Matrix<'_>,
     xs: &[f32],
-    sums: &[f32],
     rows: usize,
     out: *mut f32,
     stride: usize,
@@ -189,7 +188,6 @@ pub(crate) unsafe fn tile(
     isa: Isa,
 ) {
     debug_assert!(rows <= ROWS && xs.len() >= rows * w.k && columns.end <= w.n);
-    debug_assert!(sums.len() >= rows * sums_per_row(w.k));
     debug_assert!(isa.available());
     #[cfg(target_arch = "x86_64")]
     match isa {
@@ -205,17 +203,7 @@ pub(crate) unsafe fn tile(
             }
             return;
         },
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe {
-            use avx2::tile;
-            match rows {
-                1 => tile::<1>(w, xs, sums, out, stride, columns),
-                2 => tile::<2>(w, xs, sums, out, stride, columns),
-                3 => tile::<3>(w, xs, sums, out, stride, columns),
-                _ => tile::<4>(w, xs, sums, out, stride, columns),
-            }
-            return;
-        },
+        Isa::Avx2 => unreachable!("AVX2 multiplies packed weights (crate::packed)"),
         Isa::Portable => {}
     }
     for r in 0..rows {
@@ -239,13 +227,12 @@ pub(crate) fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
         return crate::packed::PackedQ4::new(w).matmul(x);
     }
     let tokens = x.len() / w.k;
-    let (mut xs, mut sums) = (Vec::new(), Vec::new());
+    let mut xs = Vec::new();
     split_blocks(&x[..tokens * w.k], w.k, &mut xs);
-    block_sums(&xs, w.k, &mut sums);
     let mut y = vec![0f32; tokens * w.n];
     let (mut interleaved, mut unpacked) = (Vec::new(), Vec::new());
     let step = if tokens >= gemm::FROM_ROWS {
-        gemm::interleave(&xs, w.k, isa, &mut interleaved);
+        gemm::interleave(&xs, w.k, &mut interleaved);
         gemm::TILE
     } else {
         w.n
@@ -259,7 +246,6 @@ pub(crate) fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
             all_rows(
                 w,
                 &xs,
-                &sums,
                 &interleaved,
                 tokens,
                 y.as_mut_ptr(),
@@ -275,8 +261,8 @@ pub(crate) fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
 /// Every row of `x` against the matrix rows `columns`: through the
 /// outer-product path ([`gemm`]) when there are [`gemm::FROM_ROWS`] rows or
 /// more and `columns` is one whole tile of it, else per group of [`ROWS`]
-/// rows. `xs` is `x` [`split_blocks`], `sums` its [`block_sums`];
-/// `interleaved` is `xs` as
+/// rows, on the path `isa` (AVX-512 or portable). `xs` is `x`
+/// [`split_blocks`]; `interleaved` is `xs` as
 /// [`gemm::interleave`] leaves it (read by the outer-product path only);
 /// `unpacked` is a buffer for the tile; `out` points at row 0 of the
 /// `[tokens, N]` output.
@@ -285,13 +271,11 @@ pub(crate) fn matmul_with(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
 /// `isa` must be available; `out` must be valid for writes, and unaliased
 /// during the call, at rows `0..tokens` and `columns` (row stride N);
 /// `columns` must lie within `0..N`; `xs` (and `interleaved` for the
-/// outer-product path) must hold `tokens × K` values, `sums` `tokens ×`
-/// [`sums_per_row`].
+/// outer-product path) must hold `tokens × K` values.
 #[allow(unsafe_code, clippy::too_many_arguments)]
 pub(crate) unsafe fn all_rows(
     w: &Q4Matrix<'_>,
     xs: &[f32],
-    sums: &[f32],
     interleaved: &[f32],
     tokens: usize,
     out: *mut f32,
@@ -303,9 +287,8 @@ pub(crate) unsafe fn all_rows(
         // SAFETY: `isa` is available (the caller's guarantee); the tile's
         // matrix rows exist as `columns` lies within 0..N.
         unsafe { gemm::unpack_tile(w, columns.start, unpacked, isa) };
-        let size = gemm::group(isa);
-        for first in (0..tokens).step_by(size) {
-            let rows = (tokens - first).min(size);
+        for first in (0..tokens).step_by(gemm::GROUP) {
+            let rows = (tokens - first).min(gemm::GROUP);
             // SAFETY: rows `first..first + rows` and the tile's columns, as
             // the caller guarantees.
             unsafe {
@@ -328,17 +311,7 @@ pub(crate) unsafe fn all_rows(
         // SAFETY: as above, for `columns` of rows `first..first + rows`.
         unsafe {
             let at = out.add(first * w.n);
-            let sums = &sums[first * sums_per_row(w.k)..];
-            tile(
-                w,
-                &xs[first * w.k..],
-                sums,
-                rows,
-                at,
-                w.n,
-                columns.clone(),
-                isa,
-            );
+            tile(w, &xs[first * w.k..], rows, at, w.n, columns.clone(), isa);
         }
     }
 }
@@ -439,179 +412,6 @@ pub(crate) mod avx512 {
                 _mm512_permutexvar_ps(wide, table),
                 _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(wide), table),
             )
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-pub(crate) mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::{BLOCK, Q4Matrix};
-
-    /// The 32 weights `fl(d · q + m)` of the block of 16 bytes at `packed`,
-    /// in the order [`super::split_blocks`] lays `x` out in: the low nibbles
-    /// of bytes 0..8 and 8..16 (the block's even elements), then their high
-    /// nibbles (its odd ones). One multiply-add per weight, the same
-    /// rounding as the AVX-512 kernel's table.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available; `packed` must point at 16 bytes.
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn block(packed: *const u8, d: f32, m: f32) -> [__m256; 4] {
-        // SAFETY: 16 bytes at `packed` (the caller's guarantee).
-        let bytes = unsafe { _mm_loadu_si128(packed.cast()) };
-        let first = _mm256_cvtepu8_epi32(bytes);
-        let second = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(bytes));
-        let nibble = _mm256_set1_epi32(0x0F);
-        let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
-        let weights = |q: __m256i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, m);
-        [
-            weights(_mm256_and_si256(first, nibble)),
-            weights(_mm256_and_si256(second, nibble)),
-            weights(_mm256_srli_epi32::<4>(first)),
-            weights(_mm256_srli_epi32::<4>(second)),
-        ]
-    }
-
-    /// The 32 nibbles of the block of 16 bytes at `packed` as f32s, in the
-    /// order of [`block`].
-    ///
-    /// # Safety
-    /// AVX2 must be available; `packed` must point at 16 bytes.
-    #[target_feature(enable = "avx2")]
-    unsafe fn nibbles(packed: *const u8) -> [__m256; 4] {
-        // SAFETY: 16 bytes at `packed` (the caller's guarantee).
-        let bytes = unsafe { _mm_loadu_si128(packed.cast()) };
-        let first = _mm256_cvtepu8_epi32(bytes);
-        let second = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(bytes));
-        let nibble = _mm256_set1_epi32(0x0F);
-        [
-            _mm256_cvtepi32_ps(_mm256_and_si256(first, nibble)),
-            _mm256_cvtepi32_ps(_mm256_and_si256(second, nibble)),
-            _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(first)),
-            _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(second)),
-        ]
-    }
-
-    /// 8 fp16 values from `at` of `values` as f32s: a plain load while 8 are
-    /// there (lanes past a matrix row's blocks then hold the next row's,
-    /// which the caller ignores), else through a copy padded with zeros.
-    ///
-    /// # Safety
-    /// F16C must be available; `at < values.len()`.
-    #[target_feature(enable = "avx,f16c")]
-    unsafe fn eight(values: &[half::f16], at: usize) -> __m256 {
-        if at + 8 <= values.len() {
-            // SAFETY: 8 values from `at` are in the slice.
-            return unsafe { _mm256_cvtph_ps(_mm_loadu_si128(values.as_ptr().add(at).cast())) };
-        }
-        let mut bits = [0u16; 8];
-        for (bit, value) in bits.iter_mut().zip(&values[at..]) {
-            *bit = value.to_bits();
-        }
-        // SAFETY: `bits` holds 8 values.
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast())) }
-    }
-
-    /// `out[r · stride + c] = Σ_k xs[r · K + k] · W[c, k]` for `R` rows of
-    /// `xs` (with their [`super::block_sums`] `sums`) and the matrix rows
-    /// `columns`, one at a time, with the minimums factored out of each
-    /// block: `Σ_i x_i (d q_i + m) = d · Σ_i x_i q_i + m · Σ_i x_i`. The
-    /// block's nibbles become f32s and meet the activations directly (a
-    /// product then three multiply-adds, a chain that does not carry from
-    /// block to block); one multiply-add by `d` folds the block into one of
-    /// two accumulators, even blocks into the first and odd ones into the
-    /// second. Blocks go 8 at a time: their scales and minimums converted by
-    /// one `vcvtph2ps` each (a short last group reads past the matrix row's
-    /// blocks, into the next row's, and masks those lanes off), the
-    /// minimums times the row's block sums into the first accumulator, then
-    /// the 8 blocks. That is two multiply-adds per block and row fewer than
-    /// multiplying dequantized weights, and a loop-carried chain of one
-    /// multiply-add per two blocks instead of two per block. The order does
-    /// not depend on `R`, so a row gives the same bits in any batch.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; `out` valid and unaliased at
-    /// every element written; `xs` holding R rows of K and `sums` R rows of
-    /// [`super::sums_per_row`]; `columns` within `0..N`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn tile<const R: usize>(
-        w: &Q4Matrix<'_>,
-        xs: &[f32],
-        sums: &[f32],
-        out: *mut f32,
-        stride: usize,
-        columns: std::ops::Range<usize>,
-    ) {
-        let k = w.k;
-        let blocks = k / BLOCK;
-        let per_row = super::sums_per_row(k);
-        // The lanes of a row's last group of 8 blocks, if it is short: below
-        // blocks % 8.
-        let tail = (blocks % 8) as i32;
-        let mask = _mm256_cmpgt_epi32(
-            _mm256_set1_epi32(tail),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        );
-        for c in columns {
-            let base = c * blocks;
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for g in (0..blocks).step_by(8) {
-                let n = (blocks - g).min(8);
-                // SAFETY: block base + g exists (c < N, g < K/32); F16C is
-                // available.
-                let (d, m) = unsafe { (eight(w.scale, base + g), eight(w.minimum, base + g)) };
-                // The minimums of this row's blocks only.
-                let m = if n < 8 {
-                    _mm256_and_ps(m, _mm256_castsi256_ps(mask))
-                } else {
-                    m
-                };
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    // SAFETY: 8 sums from g < per_row (a multiple of 8) in
-                    // each of the R rows of `sums`.
-                    let s = unsafe { _mm256_loadu_ps(sums.as_ptr().add(r * per_row + g)) };
-                    acc[0] = _mm256_fmadd_ps(m, s, acc[0]);
-                }
-                let mut scales = [0f32; 8];
-                // SAFETY: `scales` holds 8 values.
-                unsafe { _mm256_storeu_ps(scales.as_mut_ptr(), d) };
-                // Blocks in pairs, so that which accumulator a block goes
-                // into is known at compile time (g is even).
-                for pair in (0..n).step_by(2) {
-                    for half in 0..2 {
-                        let j = pair + half;
-                        if j == n {
-                            break;
-                        }
-                        let b = g + j;
-                        // SAFETY: block base + b exists (c < N, b < K/32): 16
-                        // bytes.
-                        let q = unsafe { nibbles(w.q.as_ptr().add((base + b) * (BLOCK / 2))) };
-                        let scale = _mm256_set1_ps(scales[j]);
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            // SAFETY: `xs` holds R rows of K values (the
-                            // caller's guarantee), so 32 values from `r · K +
-                            // 32b` are in it.
-                            let x = |i: usize| unsafe {
-                                _mm256_loadu_ps(xs.as_ptr().add(r * k + b * BLOCK + 8 * i))
-                            };
-                            let mut dot = _mm256_mul_ps(q[0], x(0));
-                            dot = _mm256_fmadd_ps(q[1], x(1), dot);
-                            dot = _mm256_fmadd_ps(q[2], x(2), dot);
-                            dot = _mm256_fmadd_ps(q[3], x(3), dot);
-                            acc[half] = _mm256_fmadd_ps(scale, dot, acc[half]);
-                        }
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                let total = crate::dot::avx2::sum(_mm256_add_ps(acc[0], acc[1]));
-                // SAFETY: in bounds and unaliased, as the caller guarantees.
-                unsafe { *out.add(r * stride + c) = total };
-            }
         }
     }
 }

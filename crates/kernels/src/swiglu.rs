@@ -57,7 +57,6 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32], isa: Isa) {
 pub(crate) unsafe fn gated_rows(
     w: &Q4Matrix<'_>,
     xs: &[f32],
-    sums: &[f32],
     interleaved: &[f32],
     tokens: usize,
     out: *mut f32,
@@ -81,17 +80,7 @@ pub(crate) unsafe fn gated_rows(
         // output of a matrix of `width` rows, all of whose columns are asked;
         // the rest as the caller guarantees.
         unsafe {
-            q4::all_rows(
-                part,
-                xs,
-                sums,
-                interleaved,
-                tokens,
-                into,
-                0..width,
-                unpacked,
-                isa,
-            );
+            q4::all_rows(part, xs, interleaved, tokens, into, 0..width, unpacked, isa);
         }
     }
     for r in 0..tokens {
@@ -129,11 +118,10 @@ pub fn gated_matmul(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
         swiglu(&gate, &up, &mut y, isa);
         return y;
     }
-    let (mut xs, mut sums, mut interleaved) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut xs, mut interleaved) = (Vec::new(), Vec::new());
     q4::split_blocks(&x[..tokens * w.k], w.k, &mut xs);
-    q4::block_sums(&xs, w.k, &mut sums);
     let step = if tokens >= gemm::FROM_ROWS {
-        gemm::interleave(&xs, w.k, isa, &mut interleaved);
+        gemm::interleave(&xs, w.k, &mut interleaved);
         gemm::TILE
     } else {
         half
@@ -148,7 +136,6 @@ pub fn gated_matmul(w: &Q4Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
             gated_rows(
                 w,
                 &xs,
-                &sums,
                 &interleaved,
                 tokens,
                 y.as_mut_ptr(),

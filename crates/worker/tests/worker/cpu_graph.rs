@@ -260,9 +260,8 @@ fn fused_graph(
     attributes: Vec<AttributeProto>,
     weights_fed: bool,
 ) -> anyhow::Result<std::path::PathBuf> {
-    let half_bytes = |values: &[half::f16]| -> Vec<u8> {
-        values.iter().flat_map(|v| v.to_le_bytes()).collect()
-    };
+    let half_bytes =
+        |values: &[half::f16]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
     let (k, n) = (32i64, 4i64);
     let (q, scale, minimum) = fused_weights();
     let mut graph = GraphBuilder::new("fused");
@@ -271,9 +270,17 @@ fn fused_graph(
         .input("skip", ElemType::Float, &[Dim::Fixed(2), Dim::Fixed(k)]);
     if weights_fed {
         graph
-            .input("q", ElemType::Uint8, &[Dim::Fixed(n), Dim::Fixed(1), Dim::Fixed(16)])
+            .input(
+                "q",
+                ElemType::Uint8,
+                &[Dim::Fixed(n), Dim::Fixed(1), Dim::Fixed(16)],
+            )
             .input("scale", ElemType::Float16, &[Dim::Fixed(n), Dim::Fixed(1)])
-            .input("minimum", ElemType::Float16, &[Dim::Fixed(n), Dim::Fixed(1)]);
+            .input(
+                "minimum",
+                ElemType::Float16,
+                &[Dim::Fixed(n), Dim::Fixed(1)],
+            );
     } else {
         graph
             .initializer(TensorProto::from_raw("q", ElemType::Uint8, &[n, 1, 16], q))
@@ -335,7 +342,11 @@ fn fused_attributes() -> Vec<AttributeProto> {
 
 /// The fused node's output for [`inputs`] computed from its parts — norm,
 /// matrix product, gating — on this CPU's path.
-fn fused_from_parts(q: &[u8], scale: &[half::f16], minimum: &[half::f16]) -> anyhow::Result<Vec<f32>> {
+fn fused_from_parts(
+    q: &[u8],
+    scale: &[half::f16],
+    minimum: &[half::f16],
+) -> anyhow::Result<Vec<f32>> {
     use lmgrid_kernels::{Isa, norm, q4, swiglu};
     let (x, skip) = inputs();
     let gamma: Vec<f32> = (0..32).map(|i| 0.8 + i as f32 * 0.01).collect();
