@@ -184,21 +184,23 @@ async fn a_full_queue_refuses_requests_and_none_hang() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_whose_deadline_passes_in_the_queue_are_not_computed() -> anyhow::Result<()> {
-    // No dynamic batching: every request is one execution, which the test counts.
+    // No dynamic batching: every request is one execution, which the test counts. The
+    // model has a name of its own: the counter is the process's, and other tests run
+    // a "slow" model beside this one.
     let slow = slow_model();
-    let repo = Repo::new()?.model("slow", &[("1", &slow.model)], SLOW_CONFIG)?;
+    let repo = Repo::new()?.model("expiring", &[("1", &slow.model)], SLOW_CONFIG)?;
     let worker = TestWorker::start(repo).await?;
-    let executions = || metric("lmgrid_worker_executions_total", "slow");
+    let executions = || metric("lmgrid_worker_executions_total", "expiring");
 
     for case in ["timeout parameter", "grpc-timeout"] {
         let before = executions();
         // One request computing and one waiting: the expiring request queues behind both.
-        let first = occupy(&worker, "slow");
-        wait_for_load(&worker, "slow", 1, 0, &first).await?;
-        let second = occupy(&worker, "slow");
-        wait_for_load(&worker, "slow", 1, 1, &first).await?;
+        let first = occupy(&worker, "expiring");
+        wait_for_load(&worker, "expiring", 1, 0, &first).await?;
+        let second = occupy(&worker, "expiring");
+        wait_for_load(&worker, "expiring", 1, 1, &first).await?;
 
-        let request = fp32_request("slow", 1, onnx::random_f32(9, 64));
+        let request = fp32_request("expiring", 1, onnx::random_f32(9, 64));
         let mut client = worker.infer.clone();
         let result = if case == "timeout parameter" {
             // Microseconds, as Triton's `timeout` parameter.
@@ -226,7 +228,7 @@ async fn requests_whose_deadline_passes_in_the_queue_are_not_computed() -> anyho
         second.await??;
         // Once the queue has moved on, the expired request turns out never to have run.
         client
-            .model_infer(fp32_request("slow", 1, onnx::random_f32(10, 64)))
+            .model_infer(fp32_request("expiring", 1, onnx::random_f32(10, 64)))
             .await?;
         assert_eq!(
             executions() - before,
