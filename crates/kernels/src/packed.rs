@@ -237,6 +237,11 @@ mod avx2 {
 
     use super::{BLOCK, GROUP, GROUP_BYTES, PackedQ4, RECORD};
 
+    /// Records ahead that a call asks the memory for: −2.5% at 8 rows, −1%
+    /// at one, against the hardware prefetcher alone (2, 4 and 8 measured;
+    /// 4 best by a hair).
+    const PREFETCH: usize = 4;
+
     /// Vectors of 8 outputs a call covers: one group.
     const V: usize = GROUP / 8;
 
@@ -271,6 +276,12 @@ mod avx2 {
             let mut total = [[_mm256_setzero_ps(); V]; R];
             for b in 0..blocks {
                 let record = (self.group * blocks + b) * RECORD;
+                // The record PREFETCH blocks on (past the end of the data, a
+                // prefetch is a no-op: it never faults).
+                let ahead = p.data.as_ptr().wrapping_add(record + PREFETCH * RECORD);
+                for line in (0..RECORD).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                }
                 let mut acc = [[_mm256_setzero_ps(); V]; R];
                 for pair in 0..BLOCK / 2 {
                     for high in [false, true] {
