@@ -25,7 +25,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use half::f16;
-use lmgrid_kernels::packed::PackedQ4;
+use lmgrid_kernels::packed::{PackedQ4, PackedQ8};
 use lmgrid_kernels::q4::{self, Q4Matrix};
 use lmgrid_kernels::q8::{self, Q8Matrix};
 
@@ -51,6 +51,8 @@ enum Stored {
         n: usize,
         q: Vec<i8>,
         scale: Vec<f32>,
+        /// The operator's repacked form, where it repacks (AVX2).
+        packed: Option<PackedQ8>,
     },
 }
 
@@ -91,9 +93,17 @@ impl Stored {
                 minimum,
                 packed: None,
             } => q4::matmul(&Q4Matrix::new(*k, *n, q, scale, minimum).expect("sizes"), x),
-            Stored::Q8 { k, n, q, scale } => {
-                q8::matmul(&Q8Matrix::new(*k, *n, q, scale).expect("sizes"), x)
-            }
+            Stored::Q8 {
+                packed: Some(packed),
+                ..
+            } => packed.matmul(x),
+            Stored::Q8 {
+                k,
+                n,
+                q,
+                scale,
+                packed: None,
+            } => q8::matmul(&Q8Matrix::new(*k, *n, q, scale).expect("sizes"), x),
         }
     }
 
@@ -154,13 +164,18 @@ fn q4_matrix(rng: &mut Rng, n: usize, k: usize) -> Stored {
 }
 
 fn q8_matrix(rng: &mut Rng, n: usize, k: usize) -> Stored {
+    let q: Vec<i8> = (0..n * k).map(|_| rng.next() as i8).collect();
+    let scale: Vec<f32> = (0..n * k / q4::BLOCK)
+        .map(|_| (rng.next() % 1000) as f32 * 1e-5)
+        .collect();
+    let packed = (lmgrid_kernels::Isa::best() == lmgrid_kernels::Isa::Avx2)
+        .then(|| PackedQ8::new(&Q8Matrix::new(k, n, &q, &scale).expect("sizes")));
     Stored::Q8 {
         k,
         n,
-        q: (0..n * k).map(|_| rng.next() as i8).collect(),
-        scale: (0..n * k / q4::BLOCK)
-            .map(|_| (rng.next() % 1000) as f32 * 1e-5)
-            .collect(),
+        q,
+        scale,
+        packed,
     }
 }
 

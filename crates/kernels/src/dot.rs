@@ -1,19 +1,17 @@
-//! The dot-product kernel of the 8-bit format on both instruction sets and
-//! of the 4-bit one on AVX-512 (4-bit on AVX2 multiplies packed weights,
-//! [`crate::packed`]): `C` matrix rows at a
-//! time against `R` rows of `x`, each block of 32 weights unpacked once (by
-//! the format) into vectors (two of 16 lanes with AVX-512, four of 8 with
-//! AVX2) and multiplied-added into one of two accumulators per output, which
-//! are summed at the end. The order of the sums does not depend on `C` or
-//! `R`, so a row gives the same bits in any batch (on one instruction set).
+//! The AVX-512 dot-product kernel of both block formats (AVX2 multiplies
+//! packed weights, [`crate::packed`]): `C` matrix rows at a time against `R`
+//! rows of `x`, each block of 32 weights unpacked once (by the format) into
+//! two vectors of 16 lanes and multiplied-added into one of two accumulators
+//! per output, which are summed at the end. The order of the sums does not
+//! depend on `C` or `R`, so a row gives the same bits in any batch.
 
 /// Blocks whose constants a kernel prepares at a time.
 pub(crate) const CHUNK: usize = 16;
 
 /// A matrix `[N, K]` of blocks of 32 weights along K, as a dot-product
-/// kernel reads it; `V` is one block's weights as an instruction set holds
-/// them: two 16-lane vectors for AVX-512 (elements 0..16 and 16..32 of the
-/// block as `x` holds it), four 8-lane ones for AVX2 (0..8, .., 24..32).
+/// kernel reads it; `V` is one block's weights as the instruction set holds
+/// them: two 16-lane vectors (elements 0..16 and 16..32 of the block as `x`
+/// holds it).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 pub(crate) trait Blocks<V> {
@@ -114,90 +112,6 @@ pub(crate) mod avx512 {
                     let sum = _mm512_reduce_add_ps(_mm512_add_ps(low[c][r], high[c][r]));
                     // SAFETY: in bounds and unaliased, as the caller guarantees.
                     unsafe { *out.add(r * stride + c0 + c) = sum };
-                }
-            }
-            c0 += width;
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-pub(crate) mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::{Blocks, CHUNK};
-    use crate::q4::BLOCK;
-
-    /// The sum of the 8 lanes of `v`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) fn sum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
-    /// As [`super::avx512::tile`]: `out[r · stride + c] = Σ_k xs[r · K + k]
-    /// · W[c, k]` for `R` rows of `xs` and the matrix rows `columns`, `C` at
-    /// a time. Each output has two accumulators; a block's four weight
-    /// vectors go into them alternately. `R` should stay within 4 (16
-    /// registers); the AVX2 caller takes `C` = 1, which measured fastest
-    /// at every row count (with 4 columns the layers' 1-row pass took 9–13
-    /// ms instead of 6.4, the LM head's 3.1–4.0 instead of 1.6).
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; `out` valid and unaliased at
-    /// every element written; `xs` holding R rows of K; `columns` within
-    /// `0..N`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn tile<W: Blocks<[__m256; 4]>, const C: usize, const R: usize>(
-        w: &W,
-        xs: &[f32],
-        out: *mut f32,
-        stride: usize,
-        columns: std::ops::Range<usize>,
-    ) {
-        let k = w.k();
-        let blocks = k / BLOCK;
-        let mut c0 = columns.start;
-        while c0 < columns.end {
-            let width = if c0 + C <= columns.end { C } else { 1 };
-            let mut acc = [[[_mm256_setzero_ps(); 2]; R]; C];
-            let mut scratch = [[0f32; 2 * CHUNK]; C];
-            let mut constants = [std::ptr::null::<f32>(); C];
-            for chunk in (0..blocks).step_by(CHUNK) {
-                let count = (blocks - chunk).min(CHUNK);
-                for c in 0..width {
-                    // SAFETY: matrix row c0 + c < N (the caller's guarantee);
-                    // chunk + count ≤ K/32.
-                    constants[c] = unsafe { w.constants(c0 + c, chunk, count, &mut scratch[c]) };
-                }
-                for j in 0..count {
-                    let b = chunk + j;
-                    for c in 0..width {
-                        // SAFETY: matrix row c0 + c < N (the caller's
-                        // guarantee), b < K/32, j < count.
-                        let v = unsafe { w.unpack(c0 + c, b, constants[c], j) };
-                        for (r, acc) in acc[c].iter_mut().enumerate() {
-                            // SAFETY: `xs` holds R rows of K values (the
-                            // caller's guarantee), so 32 values from `r · K +
-                            // 32b` are in it.
-                            let x = |i: usize| unsafe {
-                                _mm256_loadu_ps(xs.as_ptr().add(r * k + b * BLOCK + 8 * i))
-                            };
-                            acc[0] = _mm256_fmadd_ps(v[0], x(0), acc[0]);
-                            acc[1] = _mm256_fmadd_ps(v[1], x(1), acc[1]);
-                            acc[0] = _mm256_fmadd_ps(v[2], x(2), acc[0]);
-                            acc[1] = _mm256_fmadd_ps(v[3], x(3), acc[1]);
-                        }
-                    }
-                }
-            }
-            for c in 0..width {
-                for (r, acc) in acc[c].iter().enumerate() {
-                    let total = sum(_mm256_add_ps(acc[0], acc[1]));
-                    // SAFETY: in bounds and unaliased, as the caller guarantees.
-                    unsafe { *out.add(r * stride + c0 + c) = total };
                 }
             }
             c0 += width;

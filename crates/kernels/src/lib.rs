@@ -29,7 +29,8 @@ pub enum Isa {
     /// table lookups.
     Avx512,
     /// AVX2 with FMA and F16C (x86-64-v3, every x86 server CPU since 2015):
-    /// 8-lane vectors, a block's weights by one multiply-add per lane.
+    /// 8-lane vectors over weights repacked 16 matrix rows to a group
+    /// ([`packed`]), 8 matrix rows in the lanes.
     Avx2,
     /// Plain Rust, any CPU: the same arithmetic, but far slower than ONNX
     /// Runtime's own kernels.

@@ -7,7 +7,7 @@ use ort::operator::{
 };
 use ort::value::TensorElementType;
 
-use crate::packed::{self, PackedQ4};
+use crate::packed::{self, Format, Packed, PackedQ4, PackedQ8};
 use crate::q4::{self, Q4Matrix};
 use crate::q8::{self, Q8Matrix};
 use crate::{Isa, gemm, norm};
@@ -71,8 +71,21 @@ fn pack(w: &Q4Matrix<'_>, swiglu: bool) -> Vec<PackedQ4> {
     }
 }
 
-/// The weights (inputs 1 to 3) packed for AVX2 when they are constant and
-/// well formed; `None` leaves packing, or naming what is wrong, to `compute`.
+/// `MatMulQ8`'s weights (inputs 1 and 2) packed for AVX2 when they are
+/// constant and well formed; `None` leaves packing, or naming what is wrong,
+/// to `compute`.
+fn pack_constant_q8(ctx: &KernelContext<'_>, k: usize, n: usize) -> Option<PackedQ8> {
+    use ort::value::DynTensorValueType;
+    let q = ctx.constant_input::<DynTensorValueType>(1).ok()?;
+    let scale = ctx.constant_input::<DynTensorValueType>(2).ok()?;
+    let (_, q) = q.try_extract_tensor::<i8>().ok()?;
+    let (_, scale) = scale.try_extract_tensor::<f32>().ok()?;
+    Some(PackedQ8::new(&Q8Matrix::new(k, n, q, scale).ok()?))
+}
+
+/// `MatMulQ4`'s weights (inputs 1 to 3) packed for AVX2 when they are
+/// constant and well formed; `None` leaves packing, or naming what is wrong,
+/// to `compute`.
 fn pack_constant(
     ctx: &KernelContext<'_>,
     k: usize,
@@ -243,7 +256,8 @@ impl Kernel for MatMulQ4Kernel {
                 self.packed = pack(&w, self.swiglu);
             }
             q4::block_sums(x, k, &mut self.sums);
-            return packed_product(ctx, &leading, x, &self.sums, tokens, &self.packed);
+            let (sums, packed) = (&self.sums[..], &self.packed[..]);
+            return packed_product(ctx, "MatMulQ4", &leading, x, sums, tokens, packed);
         }
         q4::split_blocks(x, k, &mut self.split);
         let xs = &self.split[..];
@@ -341,26 +355,28 @@ impl Kernel for MatMulQ4Kernel {
     }
 }
 
-/// The packed AVX2 path ([`crate::packed`]) of `MatMulQ4`: `x` (`tokens`
-/// rows, in its own order) with its block sums, against `parts` — the
-/// whole matrix, or the gate and up halves whose product is gated. A task
-/// per [`PACKED_COLUMNS_PER_TASK`] outputs, for every row.
-fn packed_product(
+/// The packed AVX2 path ([`crate::packed`]) of operator `op`: `x` (`tokens`
+/// rows, in its own order; for 4-bit with its block sums) against `parts` —
+/// the whole matrix, or a `MatMulQ4`'s gate and up halves whose product is
+/// gated. A task per [`PACKED_COLUMNS_PER_TASK`] outputs, for every row.
+fn packed_product<F: Format>(
     ctx: &ComputeContext,
+    op: &str,
     leading: &[i64],
     x: &[f32],
     sums: &[f32],
     tokens: usize,
-    parts: &[PackedQ4],
+    parts: &[Packed<F>],
 ) -> ort::Result<()> {
-    let (k, per_row) = (parts[0].k(), q4::sums_per_row(parts[0].k()));
-    debug_assert!(x.len() >= tokens * k && sums.len() >= tokens * per_row);
+    let k = parts[0].k();
+    debug_assert!(x.len() >= tokens * k);
+    debug_assert!(!F::MINIMUM || sums.len() >= tokens * q4::sums_per_row(k));
     let rows = tokens.max(1);
     if let [gate, up] = parts {
         let half = gate.n();
         return in_tiles(
             ctx,
-            "MatMulQ4",
+            op,
             leading,
             tokens,
             half,
@@ -402,7 +418,7 @@ fn packed_product(
     let n = whole.n();
     in_tiles(
         ctx,
-        "MatMulQ4",
+        op,
         leading,
         tokens,
         n,
@@ -436,6 +452,11 @@ pub(crate) struct MatMulQ8;
 pub(crate) struct MatMulQ8Kernel {
     k: usize,
     n: usize,
+    /// On AVX2, the weights repacked ([`crate::packed`]), once when the
+    /// kernel is created if they are constant, else on every call.
+    packed: Option<PackedQ8>,
+    /// Whether `packed` holds the constant weights.
+    packed_once: bool,
 }
 
 impl Operator for MatMulQ8 {
@@ -459,7 +480,17 @@ impl Operator for MatMulQ8 {
 
     fn create_kernel<'attr>(&self, ctx: &KernelContext<'attr>) -> ort::Result<MatMulQ8Kernel> {
         let (k, n) = dimensions(ctx, "MatMulQ8")?;
-        Ok(MatMulQ8Kernel { k, n })
+        let packed = if Isa::best() == Isa::Avx2 {
+            pack_constant_q8(ctx, k, n)
+        } else {
+            None
+        };
+        Ok(MatMulQ8Kernel {
+            k,
+            n,
+            packed_once: packed.is_some(),
+            packed,
+        })
     }
 }
 
@@ -474,6 +505,13 @@ impl Kernel for MatMulQ8Kernel {
         let w =
             Q8Matrix::new(k, n, q, scale).map_err(|e| ort::Error::new(format!("MatMulQ8: {e}")))?;
         let isa = Isa::best();
+        if isa == Isa::Avx2 {
+            if !self.packed_once {
+                self.packed = Some(PackedQ8::new(&w));
+            }
+            let packed = self.packed.as_slice();
+            return packed_product(ctx, "MatMulQ8", &leading, x, &[], tokens, packed);
+        }
         in_tiles(
             ctx,
             "MatMulQ8",

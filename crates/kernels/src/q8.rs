@@ -83,6 +83,9 @@ pub fn matmul(w: &Q8Matrix<'_>, x: &[f32]) -> Vec<f32> {
 }
 
 fn matmul_with(w: &Q8Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
+    if isa == Isa::Avx2 {
+        return crate::packed::PackedQ8::new(w).matmul(x);
+    }
     let tokens = x.len() / w.k;
     let mut y = vec![0f32; tokens * w.n];
     for first in (0..tokens).step_by(ROWS) {
@@ -107,7 +110,7 @@ fn matmul_with(w: &Q8Matrix<'_>, x: &[f32], isa: Isa) -> Vec<f32> {
 
 /// Computes `out[r · stride + c] = Σ_k x[r · K + k] · W[c, k]` for `rows`
 /// (≤ [`ROWS`]) rows of `x` and the matrix rows `columns`, on the path
-/// `isa`.
+/// `isa` (AVX-512 or portable; AVX2 multiplies packed weights).
 ///
 /// # Safety
 /// As [`crate::q4::tile`]: `isa` available, `out` valid and unaliased at
@@ -143,28 +146,7 @@ pub(crate) unsafe fn tile(
             }
             return;
         },
-        // SAFETY: as above. Sixteen registers hold the accumulators of 4
-        // rows at most: more rows run 4 at a time over 16 matrix rows, whose
-        // bytes the second pass reads from L1.
-        Isa::Avx2 => unsafe {
-            use crate::dot::avx2::tile;
-            let four = |x: &[f32], rows: usize, out: *mut f32, columns| match rows {
-                1 => tile::<_, 1, 1>(w, x, out, stride, columns),
-                2 => tile::<_, 1, 2>(w, x, out, stride, columns),
-                3 => tile::<_, 1, 3>(w, x, out, stride, columns),
-                _ => tile::<_, 1, 4>(w, x, out, stride, columns),
-            };
-            if rows <= 4 {
-                four(x, rows, out, columns);
-            } else {
-                for start in columns.clone().step_by(16) {
-                    let part = start..(start + 16).min(columns.end);
-                    four(x, 4, out, part.clone());
-                    four(&x[4 * w.k..], rows - 4, out.add(4 * stride), part);
-                }
-            }
-            return;
-        },
+        Isa::Avx2 => unreachable!("AVX2 multiplies packed weights (crate::packed)"),
         Isa::Portable => {}
     }
     let blocks = w.k / BLOCK;
@@ -241,65 +223,6 @@ mod avx512 {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::{BLOCK, Q8Matrix};
-    use crate::dot::{Blocks, CHUNK};
-
-    /// A block of an 8-bit matrix: its 32 bytes widened to f32 in four
-    /// quarters and multiplied by the block's scale (exact).
-    impl Blocks<[__m256; 4]> for Q8Matrix<'_> {
-        fn k(&self) -> usize {
-            self.k
-        }
-
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn constants(
-            &self,
-            row: usize,
-            b: usize,
-            _count: usize,
-            _scratch: &mut [f32; 2 * CHUNK],
-        ) -> *const f32 {
-            // SAFETY: block row · K/32 + b exists (the caller's guarantee).
-            unsafe { self.scales_from(row, b) }
-        }
-
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn unpack(
-            &self,
-            row: usize,
-            b: usize,
-            constants: *const f32,
-            j: usize,
-        ) -> [__m256; 4] {
-            // SAFETY: matrix row `row` < N and b < K/32 (the caller's
-            // guarantee): its block's 32 bytes exist, as `Q8Matrix::new`
-            // checked the sizes; `constants` points at the chunk's scales
-            // in the matrix, and j < its count.
-            let (low, high, d) = unsafe {
-                let at = self.q.as_ptr().add(row * self.k + b * BLOCK);
-                (
-                    _mm_loadu_si128(at.cast()),
-                    _mm_loadu_si128(at.add(16).cast()),
-                    _mm256_set1_ps(*constants.add(j)),
-                )
-            };
-            let weights =
-                |bytes: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), d);
-            [
-                weights(low),
-                weights(_mm_srli_si128::<8>(low)),
-                weights(high),
-                weights(_mm_srli_si128::<8>(high)),
-            ]
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,7 +267,7 @@ mod tests {
 
     #[test]
     fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
-        // N = 37: column tiles and AVX2's 16-row passes leave ragged ends.
+        // N = 37: column tiles and AVX2's groups of 16 leave ragged ends.
         let (k, n) = (576, 37);
         let (q, scale) = matrix(k, n);
         let w = Q8Matrix::new(k, n, &q, &scale).unwrap();

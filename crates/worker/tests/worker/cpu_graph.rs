@@ -396,6 +396,57 @@ fn the_fused_matmul_q4_normalizes_multiplies_and_gates_like_its_parts() -> anyho
 }
 
 #[test]
+fn matmul_q8_weights_fed_at_run_time_are_used_as_fed_on_every_run() -> anyhow::Result<()> {
+    use lmgrid_kernels::q8;
+    let dir = tempfile::tempdir()?;
+    let (k, n) = (64i64, 20i64);
+    let mut graph = GraphBuilder::new("q8");
+    graph
+        .input("x", ElemType::Float, &[Dim::Fixed(3), Dim::Fixed(k)])
+        .input(
+            "q",
+            ElemType::Int8,
+            &[Dim::Fixed(n), Dim::Fixed(2), Dim::Fixed(32)],
+        )
+        .input("scale", ElemType::Float, &[Dim::Fixed(n), Dim::Fixed(2)])
+        .node(
+            "MatMulQ8",
+            &["x", "q", "scale"],
+            &["y"],
+            vec![AttributeProto::int("K", k), AttributeProto::int("N", n)],
+        )
+        .output("y", ElemType::Float, &[Dim::Fixed(3), Dim::Fixed(n)]);
+    let mut model = graph.build();
+    if let Some(graph) = model.graph.as_mut() {
+        graph.node[0].domain = Some(lmgrid_kernels::DOMAIN.into());
+    }
+    model.opset_import.push(OperatorSetIdProto {
+        domain: Some(lmgrid_kernels::DOMAIN.into()),
+        version: Some(1),
+    });
+    let path = onnx::write_model(dir.path(), &model)?;
+    let runtime = Runtime::get(&Default::default())?;
+    let (mut session, _, _) = runtime.session(&path, None, &ProviderConfig::default(), 2)?;
+    let x: Vec<f32> = (0..3 * k)
+        .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.1)
+        .collect();
+    let scale: Vec<f32> = (0..n * 2).map(|i| 0.01 + i as f32 * 1e-3).collect();
+    for seed in [3i64, 5] {
+        let q: Vec<i8> = (0..n * k).map(|i| ((i * seed) % 255 - 127) as i8).collect();
+        let outputs = session.run(ort::inputs![
+            "x" => Tensor::from_array(([3usize, k as usize], x.clone()))?,
+            "q" => Tensor::from_array(([n as usize, 2, 32], q.clone()))?,
+            "scale" => Tensor::from_array(([n as usize, 2], scale.clone()))?,
+        ])?;
+        let (_, y) = outputs["y"].try_extract_tensor::<f32>()?;
+        let w =
+            q8::Q8Matrix::new(k as usize, n as usize, &q, &scale).map_err(anyhow::Error::msg)?;
+        assert_eq!(y.to_vec(), q8::matmul(&w, &x), "weights of seed {seed}");
+    }
+    Ok(())
+}
+
+#[test]
 fn matmul_q4_weights_fed_at_run_time_are_used_as_fed_on_every_run() -> anyhow::Result<()> {
     // Constant weights are repacked once, when the session is created (on AVX2); weights
     // that are graph inputs must be taken as they are on each run.
