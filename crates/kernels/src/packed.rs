@@ -206,9 +206,9 @@ pub type PackedQ4 = Packed<Q4>;
 pub type PackedQ8 = Packed<Q8>;
 
 impl<F: Format> Packed<F> {
-    /// An all-zero packing of `[n, k]`, and each matrix row's record offset
-    /// and lane: `fill(data, row, b, record, c)` writes matrix row `row`'s
-    /// block `b` into lane `c` of the record at `record`.
+    /// The packing of an `[n, k]` matrix: zeros (the last group's padding
+    /// stays so), then `fill(record, row, b, c)` writes matrix row `row`'s
+    /// block `b` into lane `c` of its record.
     fn build(k: usize, n: usize, mut fill: impl FnMut(&mut [u8], usize, usize, usize)) -> Self {
         let blocks = k / BLOCK;
         let mut data = vec![0u8; n.div_ceil(GROUP) * blocks * F::RECORD];
