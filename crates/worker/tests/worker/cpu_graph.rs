@@ -311,6 +311,12 @@ fn fused_graph(
         )
         .output("y", ElemType::Float, &[Dim::Fixed(2), Dim::Fixed(n / 2)])
         .output("sum", ElemType::Float, &[Dim::Fixed(2), Dim::Fixed(k)]);
+    write_lmgrid_graph(dir, &graph)
+}
+
+/// Writes a one-node graph whose node is one of lmgrid's operators (domain
+/// `ai.lmgrid`, which the model imports) into `dir`.
+fn write_lmgrid_graph(dir: &Path, graph: &GraphBuilder) -> anyhow::Result<std::path::PathBuf> {
     let mut model = graph.build();
     if let Some(graph) = model.graph.as_mut() {
         graph.node[0].domain = Some(lmgrid_kernels::DOMAIN.into());
@@ -416,15 +422,7 @@ fn matmul_q8_weights_fed_at_run_time_are_used_as_fed_on_every_run() -> anyhow::R
             vec![AttributeProto::int("K", k), AttributeProto::int("N", n)],
         )
         .output("y", ElemType::Float, &[Dim::Fixed(3), Dim::Fixed(n)]);
-    let mut model = graph.build();
-    if let Some(graph) = model.graph.as_mut() {
-        graph.node[0].domain = Some(lmgrid_kernels::DOMAIN.into());
-    }
-    model.opset_import.push(OperatorSetIdProto {
-        domain: Some(lmgrid_kernels::DOMAIN.into()),
-        version: Some(1),
-    });
-    let path = onnx::write_model(dir.path(), &model)?;
+    let path = write_lmgrid_graph(dir.path(), &graph)?;
     let runtime = Runtime::get(&Default::default())?;
     let (mut session, _, _) = runtime.session(&path, None, &ProviderConfig::default(), 2)?;
     let x: Vec<f32> = (0..3 * k)
