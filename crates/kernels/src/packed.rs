@@ -259,13 +259,17 @@ impl<F: Format> Packed<F> {
             crate::q4::block_sums(&x[..tokens * self.k], self.k, &mut sums);
         }
         let mut y = vec![0f32; tokens * self.n];
-        // SAFETY: the CPU has AVX2, FMA and F16C (asserted); `y` is `[tokens,
-        // N]`, owned here; `sums` holds the tokens' block sums where the
-        // format has minimums.
-        #[allow(unsafe_code)]
-        unsafe {
-            rows(self, x, &sums, tokens, y.as_mut_ptr(), self.n, 0..self.n)
-        };
+        // Tiles of two groups for every row, as the operator's pool tasks take them.
+        for start in (0..self.n).step_by(2 * GROUP) {
+            let columns = start..(start + 2 * GROUP).min(self.n);
+            // SAFETY: the CPU has AVX2, FMA and F16C (asserted); `y` is `[tokens,
+            // N]`, owned here, and `columns` start on a group within it; `sums`
+            // holds the tokens' block sums where the format has minimums.
+            #[allow(unsafe_code)]
+            unsafe {
+                rows(self, x, &sums, tokens, y.as_mut_ptr().add(start), self.n, columns)
+            };
+        }
         y
     }
 }
