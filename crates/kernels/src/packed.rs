@@ -63,7 +63,12 @@ pub trait Format {
 
     /// The quantized weights of vector `v`'s 8 matrix rows (of the group's
     /// 16) at position `2 · pair + high` of the block whose record starts
-    /// at `record`, as f32s.
+    /// at `record`, as f32s. `unpack` holds 0x0F and 4 in every lane (the
+    /// nibble mask and shift), which the kernel hides from the compiler once
+    /// per call: given constants, LLVM narrows the mask and the shift to
+    /// the 8 bytes before widening them, and widens a second time — 7
+    /// instructions per two vectors instead of 5 (measured: 1 row −10%, 8
+    /// rows −6%).
     ///
     /// # Safety
     /// AVX2 must be available; `record` must point at a whole record.
@@ -75,6 +80,7 @@ pub trait Format {
         pair: usize,
         high: bool,
         v: usize,
+        unpack: [std::arch::x86_64::__m256i; 2],
     ) -> std::arch::x86_64::__m256;
 
     /// Vector `v`'s 8 scales and (zeros without them) minimums.
@@ -108,6 +114,7 @@ impl Format for Q4 {
         pair: usize,
         high: bool,
         v: usize,
+        unpack: [std::arch::x86_64::__m256i; 2],
     ) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         // SAFETY: the record's 256 bytes of nibbles; this pair's 16 from
@@ -116,9 +123,9 @@ impl Format for Q4 {
             _mm256_cvtepu8_epi32(_mm_loadl_epi64(record.add(pair * GROUP + 8 * v).cast()))
         };
         let q = if high {
-            _mm256_srli_epi32::<4>(wide)
+            _mm256_srlv_epi32(wide, unpack[1])
         } else {
-            _mm256_and_si256(wide, _mm256_set1_epi32(0x0F))
+            _mm256_and_si256(wide, unpack[0])
         };
         _mm256_cvtepi32_ps(q)
     }
@@ -162,6 +169,7 @@ impl Format for Q8 {
         pair: usize,
         high: bool,
         v: usize,
+        _unpack: [std::arch::x86_64::__m256i; 2],
     ) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         let position = 2 * pair + usize::from(high);
@@ -267,7 +275,15 @@ impl<F: Format> Packed<F> {
             // holds the tokens' block sums where the format has minimums.
             #[allow(unsafe_code)]
             unsafe {
-                rows(self, x, &sums, tokens, y.as_mut_ptr().add(start), self.n, columns)
+                rows(
+                    self,
+                    x,
+                    &sums,
+                    tokens,
+                    y.as_mut_ptr().add(start),
+                    self.n,
+                    columns,
+                )
             };
         }
         y
@@ -413,6 +429,11 @@ mod avx2 {
             let k = self.p.k;
             let blocks = k / BLOCK;
             let data = self.p.data.as_ptr();
+            // The nibble mask and shift, opaque to the compiler (`Format::weights`).
+            let unpack = [
+                _mm256_set1_epi32(std::hint::black_box(0x0F)),
+                _mm256_set1_epi32(std::hint::black_box(4)),
+            ];
             let mut total = [[_mm256_setzero_ps(); V]; R];
             for b in 0..blocks {
                 let record = data.wrapping_add((self.group * blocks + b) * F::RECORD);
@@ -428,7 +449,7 @@ mod avx2 {
                         let mut w = [_mm256_setzero_ps(); V];
                         for (v, w) in w.iter_mut().enumerate() {
                             // SAFETY: the group's block's record exists.
-                            *w = unsafe { F::weights(record, pair, high, v) };
+                            *w = unsafe { F::weights(record, pair, high, v, unpack) };
                         }
                         let position = b * BLOCK + 2 * pair + usize::from(high);
                         for (r, acc) in acc.iter_mut().enumerate() {
