@@ -383,32 +383,32 @@ fn packed_product<F: Format>(
             rows,
             PACKED_COLUMNS_PER_TASK,
             |_, rows, out, columns| {
-                SCRATCH.with_borrow_mut(|scratch| {
-                    let width = columns.len();
-                    if scratch.len() < 2 * rows * width {
-                        scratch.resize(2 * rows * width, 0.0);
-                    }
-                    let (g, u) = scratch.split_at_mut(rows * width);
-                    // SAFETY: `g` and `u` hold `[rows, width]` each, owned by this
-                    // thread; `columns` lie within the halves' 0..N/2 and start on a
-                    // group (tasks of whole groups); AVX2 is this CPU's (`isa`).
+                let width = columns.len();
+                let products = |g: &mut [f32], u: &mut [f32]| {
+                    // SAFETY: `g` and `u` hold `[rows, width]` each; `columns` lie within
+                    // the halves' 0..N/2 and start on a group (tasks of whole groups);
+                    // AVX2 is this CPU's.
                     #[allow(unsafe_code)]
                     unsafe {
                         packed::rows(gate, x, sums, rows, g.as_mut_ptr(), width, columns.clone());
                         packed::rows(up, x, sums, rows, u.as_mut_ptr(), width, columns.clone());
                     }
-                    for r in 0..rows {
-                        // SAFETY: row r's `columns` of the `[tokens, N/2]` output, which
-                        // `in_tiles` hands this task alone.
-                        #[allow(unsafe_code)]
-                        let row = unsafe {
-                            std::slice::from_raw_parts_mut(out.add(r * half + columns.start), width)
-                        };
-                        let (g, u) = (
-                            &g[r * width..(r + 1) * width],
-                            &u[r * width..(r + 1) * width],
+                };
+                SCRATCH.with_borrow_mut(|scratch| {
+                    // SAFETY: `in_tiles` hands this task every row of `columns` of the
+                    // `[tokens, N/2]` output alone; AVX2 is this CPU's.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        let at = out.add(columns.start);
+                        crate::swiglu::gate_rows(
+                            rows,
+                            width,
+                            at,
+                            half,
+                            scratch,
+                            Isa::Avx2,
+                            products,
                         );
-                        crate::swiglu::swiglu(g, u, row, Isa::Avx2);
                     }
                 });
             },

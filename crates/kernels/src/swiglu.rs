@@ -71,23 +71,59 @@ pub(crate) unsafe fn gated_rows(
     let width = columns.len();
     let gate = w.rows(columns.clone());
     let up = w.rows(half + columns.start..half + columns.end);
-    if scratch.len() < 2 * tokens * width {
-        scratch.resize(2 * tokens * width, 0.0);
-    }
-    let (g, u) = scratch.split_at_mut(tokens * width);
-    for (part, into) in [(&gate, g.as_mut_ptr()), (&up, u.as_mut_ptr())] {
-        // SAFETY: `into` holds `tokens × width` values, the `[tokens, width]`
-        // output of a matrix of `width` rows, all of whose columns are asked;
-        // the rest as the caller guarantees.
-        unsafe {
-            q4::all_rows(part, xs, interleaved, tokens, into, 0..width, unpacked, isa);
+    let products = |g: &mut [f32], u: &mut [f32]| {
+        for (part, into) in [(&gate, g), (&up, u)] {
+            // SAFETY: `into` holds `tokens × width` values, the `[tokens, width]`
+            // output of a matrix of `width` rows, all of whose columns are asked;
+            // the rest as the caller guarantees.
+            unsafe {
+                let into = into.as_mut_ptr();
+                q4::all_rows(part, xs, interleaved, tokens, into, 0..width, unpacked, isa);
+            }
         }
+    };
+    // SAFETY: `out` at `columns.start` is valid and unaliased for `tokens` rows of
+    // `width` at `stride` (the caller's guarantee).
+    unsafe {
+        gate_rows(
+            tokens,
+            width,
+            out.add(columns.start),
+            stride,
+            scratch,
+            isa,
+            products,
+        )
+    };
+}
+
+/// Gates `rows` rows of `width` products: `products(gate, up)` writes the
+/// gate's and the up projection's `[rows, width]` products into its two
+/// buffers (halves of `scratch`), then `out[r · stride + i] = swiglu(gate[r,
+/// i], up[r, i])`.
+///
+/// # Safety
+/// `isa` must be available; `out` must be valid for writes, and unaliased,
+/// at `r · stride + i` for every `r < rows`, `i < width`.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn gate_rows(
+    rows: usize,
+    width: usize,
+    out: *mut f32,
+    stride: usize,
+    scratch: &mut Vec<f32>,
+    isa: Isa,
+    products: impl FnOnce(&mut [f32], &mut [f32]),
+) {
+    if scratch.len() < 2 * rows * width {
+        scratch.resize(2 * rows * width, 0.0);
     }
-    for r in 0..tokens {
-        // SAFETY: row r's `columns` of the output, valid and unaliased (the
-        // caller's guarantee).
-        let row =
-            unsafe { std::slice::from_raw_parts_mut(out.add(r * stride + columns.start), width) };
+    let (g, u) = scratch[..2 * rows * width].split_at_mut(rows * width);
+    products(&mut *g, &mut *u);
+    for r in 0..rows {
+        // SAFETY: row r's `width` outputs, valid and unaliased (the caller's
+        // guarantee).
+        let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * stride), width) };
         swiglu(
             &g[r * width..(r + 1) * width],
             &u[r * width..(r + 1) * width],
