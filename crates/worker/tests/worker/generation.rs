@@ -159,9 +159,11 @@ async fn sequences_joining_a_running_batch_decode_exactly_as_alone() -> anyhow::
 }
 
 /// The same over the 4-bit graph, whose cache is right-padded (GroupQueryAttention): rows
-/// joining and leaving are regathered from column 0. Its one-row and many-row matmul kernels
-/// sum in different orders (logits within ~1e-4, see docs/performance.md), so greedy tokens
-/// could part at a near tie; these prompts have none on this machine's kernels.
+/// joining and leaving are regathered from column 0. On AVX2 and AVX-512 the worker runs
+/// its CPU graph, whose kernels sum a row in one order whatever rows are beside it (AVX2: at
+/// any size; AVX-512: within decode-sized calls), so this holds by construction there; on
+/// other CPUs `MatMulNBits` sums one row and many in different orders (logits within ~1e-4,
+/// docs/performance.md) and greedy tokens could part at a near tie.
 #[tokio::test]
 async fn right_padded_sequences_joining_a_running_batch_decode_as_alone() -> anyhow::Result<()> {
     joining_sequences_decode_as_alone(FAST).await
