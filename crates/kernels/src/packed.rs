@@ -30,14 +30,15 @@
 //! has or which rows are beside it, so a row gives the same bits alone, in
 //! a decode batch and in a prompt: one path for every call.
 //!
-//! **Why.** Per block, 8 matrix rows and 4 rows of `x`, the loop issues 32
-//! multiply-adds, 8 conversions, 8 widening loads (and 8 masks or shifts)
-//! and 32 broadcast loads, and the scale's multiply-add is once per block
-//! and 8 outputs instead of once per block and output; the 4-bit
-//! dot-product path it replaced issued 5 multiply-adds per block and output
-//! and 4 vector loads of activations. Measured alone (one core, matrices in
-//! cache): 1.3–1.7× its speed for 1 to 23 rows, and faster than the
-//! outer-product prompt path from 24 rows on (docs/performance.md).
+//! **Why.** Per block, one group (16 outputs) and 4 rows of `x`, the loop
+//! issues 256 multiply-adds for the products and 16 for the constants, 64
+//! conversions, 32 widening loads and 128 broadcast loads of activations;
+//! the 4-bit dot-product path it replaced issued 256 + 64 multiply-adds (a
+//! scale per block, output and row), 64 conversions and 256 vector loads of
+//! activations (each output re-read them), then horizontal sums. Measured
+//! alone (one core, matrices in cache): 1.3–1.7× its speed for 1 to 23 rows,
+//! and faster than the outer-product prompt path from 24 rows on
+//! (docs/performance.md).
 
 use std::marker::PhantomData;
 
