@@ -8,6 +8,7 @@
 //! serve, become ready, register) and shutdown (fail readiness, deregister,
 //! stop accepting, drain under a grace timeout).
 
+pub mod coalesce;
 pub mod config;
 pub mod deadline;
 pub mod discovery;

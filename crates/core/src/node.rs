@@ -12,12 +12,14 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 
+use crate::coalesce::Coalesce;
 use crate::config::NodeConfig;
 use crate::discovery::{Discovery, EtcdDiscovery, Instance, Registration};
 use crate::health::{Readiness, admin_router};
@@ -459,11 +461,17 @@ async fn report_health(
     }
 }
 
-/// Accepted connections with Nagle's algorithm off. Serving from our own
-/// listener bypasses the server builder's `tcp_nodelay`, and with Nagle on,
-/// small gRPC responses wait for the peer's delayed ACK (~40 ms a request).
-fn no_delay(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// Accepted connections with Nagle's algorithm off, their writes coalesced
+/// ([`Coalesce`](crate::coalesce::Coalesce)). Serving from our own listener
+/// bypasses the server builder's `tcp_nodelay`, and with Nagle on, small gRPC
+/// responses wait for the peer's delayed ACK (~40 ms a request).
+fn no_delay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<Coalesce<tokio::net::TcpStream>>> + Send + 'static
+{
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(|accepted| accepted.map(Coalesce::new))
 }
 
 fn spawn_http(listener: TcpListener, router: Router, stop: CancellationToken) -> JoinHandle<()> {

@@ -16,6 +16,7 @@ use http::uri::{Authority, Scheme, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use lmgrid_core::coalesce::Coalesce;
 use tokio::net::TcpStream;
 use tonic::body::Body;
 
@@ -111,7 +112,7 @@ impl Connection {
             .keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tcp))
+            .handshake(TokioIo::new(Coalesce::new(tcp)))
             .await
             .map_err(|source| ConnectError::Handshake {
                 address: address.clone(),
