@@ -15,9 +15,9 @@
 //! at once, so a lone call waits only for one trip through the scheduler.
 //!
 //! For connections whose user flushes when it wants bytes sent, as HTTP/2
-//! does after each round of frames; writes of [`LIMIT`] bytes or more go
-//! straight through (after what is buffered), so large tensors are not
-//! copied.
+//! does after each round of frames. Writes of [`DIRECT`] bytes or more (a
+//! full HTTP/2 data frame) go straight through after what is buffered, so
+//! large tensors are not copied and go out as they would without this.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -25,8 +25,10 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes buffered before a write goes through to the connection.
+/// Bytes buffered at most; a write that would pass it sends the buffer first.
 pub const LIMIT: usize = 64 * 1024;
+/// Writes this large are not buffered.
+pub const DIRECT: usize = 16 * 1024;
 
 /// A connection whose writes are gathered until a flush, and sent after the
 /// runtime has run its other ready tasks once.
@@ -79,9 +81,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.buffer.len() + data.len() > LIMIT {
+        if data.len() >= DIRECT || this.buffer.len() + data.len() > LIMIT {
             ready!(this.poll_drain(cx))?;
-            if data.len() >= LIMIT {
+            if data.len() >= DIRECT {
                 return Pin::new(&mut this.inner).poll_write(cx, data);
             }
         }
@@ -96,9 +98,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let total: usize = slices.iter().map(|s| s.len()).sum();
-        if this.buffer.len() + total > LIMIT {
+        if total >= DIRECT || this.buffer.len() + total > LIMIT {
             ready!(this.poll_drain(cx))?;
-            if total >= LIMIT {
+            if total >= DIRECT {
                 return Pin::new(&mut this.inner).poll_write_vectored(cx, slices);
             }
         }
@@ -191,6 +193,15 @@ mod tests {
             let n = self.max.map_or(data.len(), |max| max.min(data.len()));
             self.writes.push(data[..n].to_vec());
             Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            slices: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let joined: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+            self.poll_write(cx, &joined)
         }
 
         fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -314,26 +325,37 @@ mod tests {
     fn large_writes_go_through_after_what_is_buffered_without_a_copy() {
         let mut h = Harness::new(Recorder::default());
         ready(h.write(b"small"));
-        let large = vec![7u8; LIMIT];
-        assert_eq!(ready(h.write(&large)), LIMIT);
+        let frame = vec![7u8; DIRECT];
+        assert_eq!(ready(h.write(&frame)), DIRECT);
         assert_eq!(h.inner().writes.len(), 2);
         assert_eq!(h.inner().writes[0], b"small");
-        assert_eq!(h.inner().writes[1].len(), LIMIT);
+        assert_eq!(h.inner().writes[1].len(), DIRECT);
         ready(h.flush());
+        assert_eq!(h.wakes(), 0, "nothing was left to wait for");
 
-        // Vectored too, and a buffer that would overflow is sent first.
+        // Vectored too: an HTTP/2 data frame's header and payload.
+        let payload = vec![1u8; DIRECT - 9];
+        ready(h.write(b"tiny"));
+        assert_eq!(ready(h.write_vectored(&[b"123456789", &payload])), DIRECT);
+        assert_eq!(h.inner().writes.len(), 4);
+        assert_eq!(h.inner().writes[2], b"tiny");
+        assert_eq!(h.inner().writes[3].len(), DIRECT);
+
+        // Small writes past the buffer's limit send it first.
         let mut h = Harness::new(Recorder::default());
-        let half = vec![1u8; LIMIT / 2 + 1];
-        ready(h.write(&half));
-        ready(h.write_vectored(&[&half]));
+        let piece = vec![1u8; DIRECT - 1];
+        for _ in 0..5 {
+            ready(h.write_vectored(&[&piece]));
+        }
         assert_eq!(
             h.inner().writes.len(),
             1,
-            "the first half went out to make room"
+            "four pieces went out to make room"
         );
+        assert_eq!(h.inner().writes[0].len(), 4 * piece.len());
         assert!(h.flush().is_pending());
         ready(h.flush());
-        assert_eq!(h.inner().bytes().len(), 2 * half.len());
+        assert_eq!(h.inner().bytes().len(), 5 * piece.len());
     }
 
     #[test]
@@ -359,15 +381,18 @@ mod tests {
             stalls: 1,
             ..Default::default()
         });
-        ready(h.write(&vec![1u8; LIMIT - 1]));
-        assert!(h.write(b"xy").is_pending());
-        assert_eq!(ready(h.write(b"xy")), 2);
-        assert_eq!(h.inner().bytes().len(), LIMIT - 1);
+        let piece = vec![1u8; DIRECT - 1];
+        for _ in 0..4 {
+            ready(h.write(&piece));
+        }
+        assert!(h.write(&piece).is_pending());
+        assert_eq!(ready(h.write(&piece)), piece.len());
+        assert_eq!(h.inner().bytes().len(), 4 * piece.len());
         ready(h.shutdown());
         assert!(h.inner().shut);
         assert_eq!(
             h.inner().bytes().len(),
-            LIMIT + 1,
+            5 * piece.len(),
             "shutdown sends what is buffered"
         );
     }

@@ -245,6 +245,50 @@ async fn two_workers_share_a_model_and_one_leaves_without_failing_a_request() ->
     Ok(())
 }
 
+/// Every gRPC hop coalesces its HTTP/2 writes (`lmgrid_core::coalesce`): answers of many
+/// calls share a write, frames of a megabyte go through unbuffered. Small and large calls at
+/// once, through the gateway and straight to the worker, each come back whole and its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn small_and_large_answers_come_back_whole_under_concurrent_load() -> anyhow::Result<()> {
+    const WIDTH: usize = 1024;
+    let repo = TempDir::new()?;
+    let identity = onnx::identity(ElemType::Float, &[WIDTH as i64]);
+    onnx::model_repository(
+        repo.path(),
+        "wide",
+        &[("1", &identity)],
+        "max_batch_size: 256\n",
+    )?;
+    let etcd = EtcdServer::start().await?;
+    let sandbox = Sandbox::builder(&etcd)
+        .worker_with_models(repo.path())
+        .gateway()
+        .build()
+        .await?;
+    let routed = gateway_client(&sandbox, "wide").await?;
+    let direct =
+        GrpcInferenceServiceClient::new(connect(sandbox.node("worker").grpc_addr()).await?);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..96 {
+        let mut client = if i % 2 == 0 { &routed } else { &direct }.clone();
+        // One call in 16 carries 256 rows: a megabyte each way.
+        let rows = if i % 16 < 2 { 256 } else { 1 + i % 3 };
+        let x: Vec<f32> = (0..rows * WIDTH).map(|j| (i * 10_000 + j) as f32).collect();
+        calls.spawn(async move {
+            let answer = client
+                .model_infer(request("wide", "", rows, x.clone()))
+                .await;
+            let y = output(&answer.with_context(|| format!("call {i}"))?.into_inner());
+            anyhow::ensure!(y == x, "call {i} ({rows} rows) came back changed");
+            anyhow::Ok(())
+        });
+    }
+    while let Some(call) = calls.join_next().await {
+        call??;
+    }
+    Ok(())
+}
+
 /// The MiniLM that `cargo xtask models` converts, in a fresh repository of its own.
 pub(crate) fn minilm_repository() -> anyhow::Result<TempDir> {
     let cache = std::env::var_os("LMGRID_CACHE_DIR")
