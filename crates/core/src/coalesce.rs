@@ -5,8 +5,9 @@
 //! it runs once per request or answer that woke it: one `writev` each. On
 //! loopback and in a VM a `writev` is the most expensive thing a proxied call
 //! does (the kernel runs the receiver's TCP path in the sender's context and
-//! wakes the receiving thread, ~20 µs here), so a gateway at concurrency 64
-//! spent a third of its CPU in them.
+//! wakes the receiving thread: ~20 µs each in the 2-core VM the benchmarks
+//! ran on), so a gateway at concurrency 64 spent nearly a third of its CPU in
+//! them, 1.6–1.8 writes per request (docs/performance.md).
 //!
 //! [`Coalesce`] takes the connection's writes into a buffer and, when asked
 //! to flush, first lets the runtime run every other task that is ready (the
