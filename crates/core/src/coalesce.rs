@@ -18,7 +18,9 @@
 //! For connections whose user flushes when it wants bytes sent, as HTTP/2
 //! does after each round of frames. Writes of [`DIRECT`] bytes or more (a
 //! full HTTP/2 data frame) go straight through after what is buffered, so
-//! large tensors are not copied and go out as they would without this.
+//! large tensors are not copied and go out as they would without this; a
+//! buffer that grew past that size is freed once sent, so an idle connection
+//! holds at most [`DIRECT`] bytes.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -71,6 +73,11 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
         }
         self.buffer.clear();
         self.written = 0;
+        // A connection keeps at most a data frame's worth of buffer between
+        // bursts: a gateway holds one per client.
+        if self.buffer.capacity() > DIRECT {
+            self.buffer = Vec::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -348,6 +355,10 @@ mod tests {
         for _ in 0..5 {
             ready(h.write_vectored(&[&piece]));
         }
+        assert!(
+            h.io.buffer.capacity() <= DIRECT,
+            "a large buffer is not kept"
+        );
         assert_eq!(
             h.inner().writes.len(),
             1,
