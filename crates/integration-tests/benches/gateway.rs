@@ -19,7 +19,8 @@
 //! weights, about a millisecond a request here), where the hop is a small part of a
 //! request's cost. Last, the deployed shape: the gateway's threads alone on one core, the
 //! clients' and the worker's on the other, on a second worker and gateway whose runtimes
-//! have one thread each (as tokio sizes itself in a pod limited to one CPU).
+//! have one thread each (as tokio sizes itself in a pod limited to one CPU); for those, how
+//! busy each core was (requests per second × CPU per request).
 //! `LMGRID_BENCH_SECONDS` sets the time per row (default 3 s, after 0.3 s of warm-up).
 
 use std::net::SocketAddr;
@@ -776,6 +777,18 @@ fn print_table(rows: &[Row]) {
                     g.p99_ms - d.p99_ms,
                     g.per_second / d.per_second
                 );
+                if routed == ROUTED_PINNED {
+                    // Requests per second × CPU per request: how busy each core was.
+                    let busy = |us: f64| g.per_second * us / 1e4;
+                    let [client, gateway, worker] = g.cpu_us;
+                    println!(
+                        "  through the gateway: its core {:.0}% busy, the clients' + worker's \
+                         {:.0}% (direct: {:.0}%)",
+                        busy(gateway),
+                        busy(client + worker),
+                        d.per_second * (d.cpu_us[0] + d.cpu_us[2]) / 1e4
+                    );
+                }
             }
         }
     }
