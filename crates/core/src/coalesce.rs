@@ -80,6 +80,17 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
         }
         Poll::Ready(Ok(()))
     }
+
+    /// Makes room for a write of `len` bytes: sends the buffer first when the
+    /// write is to go straight to the connection or would pass [`LIMIT`].
+    /// Ready with whether it goes straight to the connection.
+    fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
+        let direct = len >= DIRECT;
+        if direct || self.buffer.len() + len > LIMIT {
+            ready!(self.poll_drain(cx))?;
+        }
+        Poll::Ready(Ok(direct))
+    }
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
@@ -89,11 +100,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if data.len() >= DIRECT || this.buffer.len() + data.len() > LIMIT {
-            ready!(this.poll_drain(cx))?;
-            if data.len() >= DIRECT {
-                return Pin::new(&mut this.inner).poll_write(cx, data);
-            }
+        if ready!(this.poll_room(cx, data.len()))? {
+            return Pin::new(&mut this.inner).poll_write(cx, data);
         }
         this.buffer.extend_from_slice(data);
         Poll::Ready(Ok(data.len()))
@@ -106,11 +114,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let total: usize = slices.iter().map(|s| s.len()).sum();
-        if total >= DIRECT || this.buffer.len() + total > LIMIT {
-            ready!(this.poll_drain(cx))?;
-            if total >= DIRECT {
-                return Pin::new(&mut this.inner).poll_write_vectored(cx, slices);
-            }
+        if ready!(this.poll_room(cx, total))? {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, slices);
         }
         for slice in slices {
             this.buffer.extend_from_slice(slice);
