@@ -224,7 +224,7 @@ impl Node {
                 async move {
                     router
                         .serve_with_incoming_shutdown(
-                            no_delay(grpc_listener),
+                            accepted(grpc_listener),
                             stop.cancelled_owned(),
                         )
                         .await
@@ -465,7 +465,7 @@ async fn report_health(
 /// ([`Coalesce`](crate::coalesce::Coalesce)). Serving from our own listener
 /// bypasses the server builder's `tcp_nodelay`, and with Nagle on, small gRPC
 /// responses wait for the peer's delayed ACK (~40 ms a request).
-fn no_delay(
+fn accepted(
     listener: TcpListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<Coalesce<tokio::net::TcpStream>>> + Send + 'static
 {

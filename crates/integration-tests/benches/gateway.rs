@@ -779,14 +779,14 @@ fn print_table(rows: &[Row]) {
                 );
                 if routed == ROUTED_PINNED {
                     // Requests per second × CPU per request: how busy each core was.
-                    let busy = |us: f64| g.per_second * us / 1e4;
+                    let busy = |r: &Row, us: f64| r.per_second * us / 1e4;
                     let [client, gateway, worker] = g.cpu_us;
                     println!(
                         "  through the gateway: its core {:.0}% busy, the clients' + worker's \
                          {:.0}% (direct: {:.0}%)",
-                        busy(gateway),
-                        busy(client + worker),
-                        d.per_second * (d.cpu_us[0] + d.cpu_us[2]) / 1e4
+                        busy(g, gateway),
+                        busy(g, client + worker),
+                        busy(d, d.cpu_us[0] + d.cpu_us[2])
                     );
                 }
             }

@@ -2,7 +2,8 @@
 //!
 //! Requests go straight to hyper's HTTP/2 client handle: no buffer task between the
 //! caller and the connection (as a tonic `Channel` has), so a request costs one task hop
-//! fewer each way. The connection is made on first use, within `connect_timeout`, with
+//! fewer each way; its writes are coalesced (`lmgrid_core::coalesce`), so the requests of
+//! many callers leave in one write. The connection is made on first use, within `connect_timeout`, with
 //! keep-alive pings that notice a worker gone without closing it; when it closes or fails,
 //! the next request makes a new one. Errors of this layer reach callers as statuses whose
 //! source is the error, which routing reads as a connection failure.
