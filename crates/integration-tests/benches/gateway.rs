@@ -19,8 +19,10 @@
 //! weights, about a millisecond a request here), where the hop is a small part of a
 //! request's cost. Last, the deployed shape: the gateway's threads alone on one core, the
 //! clients' and the worker's on the other, on a second worker and gateway whose runtimes
-//! have one thread each (as tokio sizes itself in a pod limited to one CPU); for those, how
-//! busy each core was (requests per second × CPU per request).
+//! have one thread each (as tokio sizes itself in a pod limited to one CPU); then the MLP
+//! with the worker's threads alone on a core and the clients beside the gateway, as a
+//! worker pod has its CPUs to itself; for those, how busy each core was (requests per
+//! second × CPU per request).
 //! `LMGRID_BENCH_SECONDS` sets the time per row (default 3 s, after 0.3 s of warm-up).
 
 use std::net::SocketAddr;
@@ -222,8 +224,9 @@ impl Platform {
     }
 }
 
-/// The identity rows at concurrency 1 and 64 with the gateway's threads on CPU 1 and every
-/// other thread on CPU 0, on a platform of its own whose runtimes have one thread each.
+/// The identity's and the MLP's rows at concurrency 1 and 64 with the gateway's threads on
+/// CPU 1 and every other thread on CPU 0, on a platform of its own whose runtimes have one
+/// thread each.
 fn pinned_rows(repository: &std::path::Path, measure: Duration) -> anyhow::Result<Vec<Row>> {
     anyhow::ensure!(cpus() >= 2, "fewer than 2 CPUs");
     let platform = Platform::start(repository, Some(1))?;
@@ -232,13 +235,27 @@ fn pinned_rows(repository: &std::path::Path, measure: Duration) -> anyhow::Resul
         let direct = channels(platform.worker_addr).await?;
         let routed = channels(platform.gateway_grpc).await?;
         wait_until_routed(&routed[0]).await?;
-        set_affinity("1", "0")?;
-        let id = infer_request("id", WIDTH);
+        // The no-op model: the gateway's is the costly part, alone on core 1. The MLP: the
+        // worker's is, alone on core 0, as a worker pod has its CPUs to itself.
+        let models = [
+            (
+                (DIRECT_PINNED, ROUTED_PINNED),
+                "0",
+                infer_request("id", WIDTH),
+            ),
+            (
+                (DIRECT_MLP_PINNED, ROUTED_MLP_PINNED),
+                "1",
+                infer_request("mlp", MLP.0),
+            ),
+        ];
         let mut rows = Vec::new();
-        for concurrency in [1, 64] {
-            let paths = (DIRECT_PINNED, ROUTED_PINNED);
-            let pair = grpc_pair(paths, (&direct, &routed), &id, concurrency);
-            rows.extend(pair.run(measure).await?);
+        for (paths, clients, request) in &models {
+            set_affinity("1", clients, "0")?;
+            for concurrency in [1, 64] {
+                let pair = grpc_pair(*paths, (&direct, &routed), request, concurrency);
+                rows.extend(pair.run(measure).await?);
+            }
         }
         anyhow::Ok(rows)
     });
@@ -324,11 +341,14 @@ const DIRECT_PINNED: &str = "worker direct (gRPC), clients + worker on core 0";
 const ROUTED_PINNED: &str = "through the gateway (gRPC), gateway on core 1";
 const DIRECT_MLP: &str = "worker direct (gRPC), MLP model";
 const ROUTED_MLP: &str = "through the gateway (gRPC), MLP model";
+const DIRECT_MLP_PINNED: &str = "worker direct (gRPC), MLP model, worker alone on core 0";
+const ROUTED_MLP_PINNED: &str =
+    "through the gateway (gRPC), MLP model, clients + gateway on core 1";
 
 /// Lets every thread run on the CPUs the process started with (`all`, from before pinning:
 /// once pinned, `available_parallelism` itself sees one CPU), and checks that each does.
 fn unpin(all: &str) -> anyhow::Result<()> {
-    set_affinity(all, all)?;
+    set_affinity(all, all, all)?;
     for task in std::fs::read_dir("/proc/self/task")?.flatten() {
         let cpus = allowed_cpus(&task.path())?;
         anyhow::ensure!(
@@ -354,14 +374,15 @@ fn cpus() -> usize {
     std::thread::available_parallelism().map_or(0, |n| n.get())
 }
 
-/// Sets the CPU list of the gateway's threads and of every other thread of this process.
-fn set_affinity(gateway: &str, others: &str) -> anyhow::Result<()> {
+/// Sets the CPU list of the gateway's threads, of the clients' and of every other thread
+/// of this process (the worker's).
+fn set_affinity(gateway: &str, clients: &str, others: &str) -> anyhow::Result<()> {
     for task in std::fs::read_dir("/proc/self/task")?.flatten() {
         let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let cpu = if name.trim() == GATEWAY {
-            gateway
-        } else {
-            others
+        let cpu = match name.trim() {
+            GATEWAY => gateway,
+            CLIENT => clients,
+            _ => others,
         };
         let status = std::process::Command::new("taskset")
             .args(["-p", "-c", cpu])
@@ -767,6 +788,11 @@ fn print_table(rows: &[Row]) {
         (ROUTED, DIRECT, "sharing both cores"),
         (ROUTED_PINNED, DIRECT_PINNED, "on a core of its own"),
         (ROUTED_MLP, DIRECT_MLP, "sharing both cores, MLP model"),
+        (
+            ROUTED_MLP_PINNED,
+            DIRECT_MLP_PINNED,
+            "on a core of its own, MLP model",
+        ),
     ] {
         for concurrency in [1, 64] {
             if let (Some(d), Some(g)) = (find(direct, concurrency), find(routed, concurrency)) {
@@ -777,16 +803,24 @@ fn print_table(rows: &[Row]) {
                     g.p99_ms - d.p99_ms,
                     g.per_second / d.per_second
                 );
+                // Requests per second × CPU per request: how busy each core was.
+                let busy = |r: &Row, us: f64| r.per_second * us / 1e4;
+                let [client, gateway, worker] = g.cpu_us;
                 if routed == ROUTED_PINNED {
-                    // Requests per second × CPU per request: how busy each core was.
-                    let busy = |r: &Row, us: f64| r.per_second * us / 1e4;
-                    let [client, gateway, worker] = g.cpu_us;
                     println!(
                         "  through the gateway: its core {:.0}% busy, the clients' + worker's \
                          {:.0}% (direct: {:.0}%)",
                         busy(g, gateway),
                         busy(g, client + worker),
                         busy(d, d.cpu_us[0] + d.cpu_us[2])
+                    );
+                } else if routed == ROUTED_MLP_PINNED {
+                    println!(
+                        "  through the gateway: the worker's core {:.0}% busy (direct: {:.0}%), \
+                         the clients' + gateway's {:.0}%",
+                        busy(g, worker),
+                        busy(d, d.cpu_us[2]),
+                        busy(g, client + gateway)
                     );
                 }
             }
