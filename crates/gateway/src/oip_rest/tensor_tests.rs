@@ -1,10 +1,20 @@
 use super::*;
 
 fn request(body: Value) -> Result<oip::ModelInferRequest, ApiError> {
+    with_binary(body, &[]).map(|infer| infer.request)
+}
+
+fn with_binary(body: Value, binary: &[u8]) -> Result<Infer, ApiError> {
     match body {
-        Value::Object(map) => infer_request("m", "1", &map),
+        Value::Object(map) => infer_request("m", "1", &map, binary),
         _ => unreachable!("tests pass objects"),
     }
+}
+
+fn json_answer(response: oip::ModelInferResponse) -> Result<Value, ApiError> {
+    let body = infer_response(response, &BinaryOutputs::default())?;
+    assert!(body.binary.is_none());
+    Ok(body.json)
 }
 
 #[test]
@@ -137,8 +147,8 @@ fn bad_tensors_name_the_input_and_the_field() {
         ),
         (
             json!({"name": "a", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}),
-            "inputs[0].parameters",
-            "binary",
+            "inputs[0].parameters.binary_data_size",
+            "only 0 remain",
         ),
         (
             json!({"name": "a", "shape": [1], "datatype": "FP32", "data": [1], "parameters": {"p": [1]}}),
@@ -183,7 +193,7 @@ fn raw_and_typed_outputs_decode_to_flat_json() {
         ],
         ..Default::default()
     };
-    let body = infer_response(raw).unwrap();
+    let body = json_answer(raw).unwrap();
     assert_eq!(
         body,
         json!({
@@ -211,7 +221,7 @@ fn raw_and_typed_outputs_decode_to_flat_json() {
         }],
         ..Default::default()
     };
-    let body = infer_response(typed).unwrap();
+    let body = json_answer(typed).unwrap();
     assert_eq!(body["outputs"][0]["data"], json!([-3, 4]));
     assert!(body.get("id").is_none());
 }
@@ -229,8 +239,226 @@ fn malformed_worker_answers_are_internal_errors() {
         raw_output_contents: vec![vec![1, 2, 3]],
         ..Default::default()
     };
-    let err = infer_response(response).unwrap_err();
+    let err = json_answer(response).unwrap_err();
     assert_eq!(err.status(), 500);
     assert!(err.message().contains("output 'y'"), "{err:?}");
     assert_eq!(decode_raw(Dtype::Bytes, &[5, 0, 0, 0, b'a']), None);
+}
+
+#[test]
+fn binary_inputs_take_their_bytes_in_order_and_the_extension_parameters_stay_here() {
+    let floats: Vec<u8> = [1.5f32, -2.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let strings = [&2u32.to_le_bytes()[..], b"hi", &0u32.to_le_bytes()].concat();
+    let infer = with_binary(
+        json!({
+            "parameters": {"binary_data_output": true, "priority": 1},
+            "inputs": [
+                {"name": "a", "shape": [1, 2], "datatype": "FP32",
+                 "parameters": {"binary_data_size": 8}},
+                {"name": "j", "shape": [1], "datatype": "INT8", "data": [-1]},
+                {"name": "s", "shape": [2], "datatype": "BYTES",
+                 "parameters": {"binary_data_size": 10, "keep": "me"}},
+                {"name": "e", "shape": [0], "datatype": "FP64",
+                 "parameters": {"binary_data_size": 0}},
+            ],
+            "outputs": [
+                {"name": "y", "parameters": {"binary_data": false}},
+                {"name": "z"},
+            ],
+        }),
+        &[floats.clone(), strings.clone()].concat(),
+    )
+    .unwrap();
+    let request = &infer.request;
+    assert_eq!(
+        request.raw_input_contents,
+        [floats, vec![255], strings, vec![]]
+    );
+    assert!(request.inputs[0].parameters.is_empty());
+    assert_eq!(
+        request.inputs[2].parameters.keys().collect::<Vec<_>>(),
+        ["keep"]
+    );
+    assert_eq!(
+        request.parameters.keys().collect::<Vec<_>>(),
+        ["priority"],
+        "binary_data_output is the gateway's to read"
+    );
+    assert!(request.outputs.iter().all(|o| o.parameters.is_empty()));
+    assert!(!infer.binary.wants("y"), "asked for as JSON");
+    assert!(infer.binary.wants("z"), "the request's default");
+    assert!(infer.binary.wants("unlisted"));
+    let json_only = with_binary(json!({"inputs": []}), &[]).unwrap();
+    assert_eq!(json_only.binary, BinaryOutputs::default());
+}
+
+#[test]
+fn bad_binary_inputs_are_named() {
+    let input = |datatype: &str, shape: Value, size: Value| {
+        json!({"name": "a", "shape": shape, "datatype": datatype,
+               "parameters": {"binary_data_size": size}})
+    };
+    for (inputs, binary, param, needle) in [
+        (
+            vec![input("FP32", json!([2]), json!(8))],
+            vec![0u8; 4],
+            "inputs[0].parameters.binary_data_size",
+            "only 4 remain",
+        ),
+        (
+            vec![input("FP32", json!([1]), json!(4))],
+            vec![0u8; 6],
+            "",
+            "2 bytes of binary data follow",
+        ),
+        (
+            vec![input("FP32", json!([2]), json!(4))],
+            vec![0u8; 4],
+            "inputs[0].parameters.binary_data_size",
+            "4 bytes of binary data do not hold 2 elements of 4 bytes",
+        ),
+        (
+            vec![input("FP32", json!([1]), json!(-4))],
+            vec![0u8; 4],
+            "inputs[0].parameters.binary_data_size",
+            "non-negative integer",
+        ),
+        (
+            vec![input("FP32", json!([1]), json!("4"))],
+            vec![0u8; 4],
+            "inputs[0].parameters.binary_data_size",
+            "non-negative integer",
+        ),
+        (
+            vec![input("BOOL", json!([2]), json!(2))],
+            vec![1, 2],
+            "inputs[0].parameters.binary_data_size",
+            "BOOL element 1 is 2",
+        ),
+        (
+            vec![input("BYTES", json!([1]), json!(6))],
+            [&5u32.to_le_bytes()[..], b"ab"].concat(),
+            "inputs[0].parameters.binary_data_size",
+            "runs past the end",
+        ),
+        (
+            vec![input("BYTES", json!([2]), json!(5))],
+            [&1u32.to_le_bytes()[..], b"a"].concat(),
+            "inputs[0].parameters.binary_data_size",
+            "holds 1 BYTES elements; the shape needs 2",
+        ),
+        (
+            vec![
+                json!({"name": "a", "shape": [1], "datatype": "FP32", "data": [1],
+                        "parameters": {"binary_data_size": 4}}),
+            ],
+            vec![0u8; 4],
+            "inputs[0].data",
+            "not both",
+        ),
+        (
+            vec![json!({"name": "a", "shape": [1], "datatype": "FP32", "data": [1]})],
+            vec![0u8; 4],
+            "",
+            "4 bytes of binary data follow",
+        ),
+    ] {
+        let err = with_binary(json!({ "inputs": inputs }), &binary).unwrap_err();
+        assert_eq!(err.status(), 400, "{inputs:?}");
+        let expected = if param.is_empty() {
+            Value::Null
+        } else {
+            param.into()
+        };
+        assert_eq!(err.openai_body()["error"]["param"], expected, "{inputs:?}");
+        assert!(err.message().contains(needle), "{inputs:?}: {err:?}");
+    }
+    for (body, param) in [
+        (
+            json!({"inputs": [], "parameters": {"binary_data_output": 1}}),
+            "parameters.binary_data_output",
+        ),
+        (
+            json!({"inputs": [], "outputs": [{"name": "y", "parameters": {"binary_data": "yes"}}]}),
+            "outputs[0].parameters.binary_data",
+        ),
+    ] {
+        let err = with_binary(body, &[]).unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert_eq!(err.openai_body()["error"]["param"], param);
+        assert!(err.message().contains("must be a boolean"), "{err:?}");
+    }
+}
+
+#[test]
+fn binary_outputs_follow_the_json_in_order() {
+    use oip::model_infer_response::InferOutputTensor;
+    let output = |name: &str, datatype: &str, shape: Vec<i64>| InferOutputTensor {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape,
+        ..Default::default()
+    };
+    let sum = [1.5f32.to_le_bytes(), 2.5f32.to_le_bytes()].concat();
+    let strings = [&1u32.to_le_bytes()[..], b"a"].concat();
+    let response = || oip::ModelInferResponse {
+        model_name: "m".into(),
+        model_version: "1".into(),
+        outputs: vec![
+            output("sum", "FP32", vec![1, 2]),
+            output("as_json", "INT32", vec![1]),
+            output("s", "BYTES", vec![1]),
+        ],
+        raw_output_contents: vec![sum.clone(), 7i32.to_le_bytes().to_vec(), strings.clone()],
+        ..Default::default()
+    };
+    let binary = BinaryOutputs {
+        default: true,
+        named: [("as_json".to_string(), false)].into(),
+    };
+    let body = infer_response(response(), &binary).unwrap();
+    assert_eq!(body.binary, Some([sum.clone(), strings.clone()].concat()));
+    assert_eq!(
+        body.json["outputs"],
+        json!([
+            {"name": "sum", "datatype": "FP32", "shape": [1, 2],
+             "parameters": {"binary_data_size": 8}},
+            {"name": "as_json", "datatype": "INT32", "shape": [1], "data": [7]},
+            {"name": "s", "datatype": "BYTES", "shape": [1],
+             "parameters": {"binary_data_size": 5}},
+        ])
+    );
+
+    // Typed contents are written raw too.
+    let typed = oip::ModelInferResponse {
+        outputs: vec![InferOutputTensor {
+            contents: Some(oip::InferTensorContents {
+                int_contents: vec![-1, 2],
+                ..Default::default()
+            }),
+            ..output("z", "INT16", vec![2])
+        }],
+        ..Default::default()
+    };
+    let body = infer_response(typed.clone(), &binary).unwrap();
+    assert_eq!(body.binary, Some(vec![255, 255, 2, 0]));
+    assert_eq!(body.json["outputs"][0]["parameters"]["binary_data_size"], 4);
+
+    // A raw output that does not fit its shape is the worker's error.
+    let mut short = response();
+    short.raw_output_contents[0].pop();
+    let err = infer_response(short, &binary).unwrap_err();
+    assert_eq!(err.status(), 500);
+    assert!(err.message().contains("output 'sum'"), "{err:?}");
+    let mut out_of_range = typed;
+    if let Some(contents) = out_of_range.outputs[0].contents.as_mut() {
+        contents.int_contents[0] = 1 << 20;
+    }
+    assert_eq!(
+        infer_response(out_of_range, &binary).unwrap_err().status(),
+        500
+    );
 }

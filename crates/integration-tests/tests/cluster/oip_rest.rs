@@ -1,6 +1,6 @@
 //! The Open Inference Protocol's REST API on the gateway's public HTTP port: server and model
-//! health, metadata, and inference with JSON tensors forwarded to the worker serving the
-//! model, with errors as `{"error": "..."}`.
+//! health, metadata, and inference with JSON tensors (or binary ones, after the JSON)
+//! forwarded to the worker serving the model, with errors as `{"error": "..."}`.
 
 use lmgrid_integration_tests::{http_get, http_post_json, http_request};
 use lmgrid_test_support::EtcdServer;
@@ -18,7 +18,7 @@ async fn oip_rest_serves_health_metadata_and_inference() -> anyhow::Result<()> {
     let server = json_of(&server)?;
     assert_eq!(server["name"], "lmgrid");
     assert_eq!(server["version"], lmgrid_core::VERSION);
-    assert_eq!(server["extensions"], json!([]));
+    assert_eq!(server["extensions"], json!(["binary_tensor_data"]));
     assert_eq!(http_get(http, "/v2/health/live").await?.status, 200);
     assert_eq!(http_get(http, "/v2/health/ready").await?.status, 200);
 
@@ -92,6 +92,36 @@ async fn oip_rest_serves_health_metadata_and_inference() -> anyhow::Result<()> {
         .map(|o| o.iter().filter_map(|t| t["name"].as_str()).collect())
         .unwrap_or_default();
     assert_eq!(names, ["product"], "{body}");
+
+    // The binary tensor data extension: `a` after the JSON, `b` in it, the answer as JSON.
+    let binary_a: Vec<u8> = [1f32, 2., 3., 4.]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let header = json!({
+        "inputs": [
+            {"name": "a", "shape": [1, 4], "datatype": "FP32",
+             "parameters": {"binary_data_size": binary_a.len()}},
+            {"name": "b", "shape": [1, 4], "datatype": "FP32", "data": [2, 2, 2, 2]},
+        ],
+        "outputs": [{"name": "sum", "parameters": {"binary_data": false}}],
+    })
+    .to_string();
+    let length = header.len().to_string();
+    let response = http_request(
+        http,
+        "POST",
+        "/v2/models/add_mul/infer",
+        &[("inference-header-content-length", &length)],
+        &[header.as_bytes(), &binary_a].concat(),
+    )
+    .await?;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.header("inference-header-content-length"), None);
+    assert_eq!(
+        json_of(&response)?["outputs"],
+        json!([{"name": "sum", "datatype": "FP32", "shape": [1, 4], "data": [3.0, 4.0, 5.0, 6.0]}])
+    );
     Ok(())
 }
 
@@ -147,14 +177,31 @@ async fn oip_rest_errors_are_messages_with_the_right_status() -> anyhow::Result<
     assert_oip_error(&response, 405, "does not accept GET")?;
     let response = http_get(http, "/v2/models/add_mul/explain").await?;
     assert_oip_error(&response, 404, "no route")?;
+    for (length, needle) in [
+        ("100000", "the body is only"),
+        ("ten", "must be the byte length of the JSON"),
+        ("10", "not valid JSON"),
+    ] {
+        let response = http_request(
+            http,
+            "POST",
+            "/v2/models/add_mul/infer",
+            &[("inference-header-content-length", length)],
+            fine.as_bytes(),
+        )
+        .await?;
+        assert_oip_error(&response, 400, needle)?;
+    }
+    // Binary data the inputs do not account for is refused, not dropped.
+    let length = fine.len().to_string();
     let response = http_request(
         http,
         "POST",
         "/v2/models/add_mul/infer",
-        &[("inference-header-content-length", "10")],
-        fine.as_bytes(),
+        &[("inference-header-content-length", &length)],
+        &[fine.as_bytes(), &[0u8; 4]].concat(),
     )
     .await?;
-    assert_oip_error(&response, 400, "binary tensor data extension")?;
+    assert_oip_error(&response, 400, "4 bytes of binary data follow")?;
     Ok(())
 }
