@@ -1,10 +1,15 @@
 """The official OpenAI Python SDK against an lmgrid gateway.
 
-Run by crates/lmgrid/tests/openai_sdk.rs with the Python of the venv that `cargo xtask deps`
-builds from xtask/python/requirements-sdk.txt, against `lmgrid up` serving the real models:
+Run by crates/lmgrid/tests/client_sdks.rs with the Python of the venv that `cargo xtask deps`
+builds from xtask/python/requirements-sdk.txt, against a gateway (`lmgrid up`, or separate
+processes) serving the real models:
 
     python openai_sdk.py --base-url http://127.0.0.1:8080/v1 \
-        --embedding-model all-minilm-l6-v2 --generation-model smollm2-135m-instruct
+        --embedding-model all-minilm-l6-v2 --generation-model smollm2-135m-instruct \
+        [--api-key KEY]
+
+With `--api-key` the client uses that tenant key, and the `keys` check makes sure a wrong key
+is refused.
 
 Each check prints `ok: NAME` or `FAILED: NAME` with the reason; every check runs even when an
 earlier one failed, and the exit status is 1 if any failed. `--only NAME,...` runs a subset.
@@ -27,8 +32,9 @@ def cosine(a, b):
 
 
 class Checks:
-    def __init__(self, client, embedding_model, generation_model):
+    def __init__(self, client, embedding_model, generation_model, keys_required):
         self.client = client
+        self.keys_required = keys_required
         self.embedding_model = embedding_model
         self.generation_model = generation_model
 
@@ -175,7 +181,18 @@ class Checks:
             assert error.param == "input", error.body
 
 
-CHECKS = ["models", "embeddings", "chat", "chat_stream", "completions", "errors"]
+    def keys(self):
+        if not self.keys_required:
+            return
+        wrong = self.client.with_options(api_key="lmg-not-a-key")
+        try:
+            wrong.models.list()
+            raise AssertionError("a wrong key listed the models")
+        except openai.AuthenticationError as error:
+            assert error.status_code == 401, error.body
+
+
+CHECKS = ["models", "embeddings", "chat", "chat_stream", "completions", "errors", "keys"]
 
 
 def main():
@@ -183,13 +200,19 @@ def main():
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--embedding-model", required=True)
     parser.add_argument("--generation-model", required=True)
+    parser.add_argument("--api-key", help="a tenant's API key; keys are then required")
     parser.add_argument("--only", default=",".join(CHECKS))
     args = parser.parse_args()
 
+    # Without --api-key the gateway takes any key (keyless loopback access of `lmgrid up`);
+    # the SDK insists on one.
     client = openai.OpenAI(
-        base_url=args.base_url, api_key="lmgrid-test-key", max_retries=0, timeout=120
+        base_url=args.base_url,
+        api_key=args.api_key or "lmgrid-test-key",
+        max_retries=0,
+        timeout=120,
     )
-    checks = Checks(client, args.embedding_model, args.generation_model)
+    checks = Checks(client, args.embedding_model, args.generation_model, bool(args.api_key))
     failed = []
     selected = args.only.split(",")
     for name in selected:
