@@ -374,13 +374,13 @@ fn check_raw(dtype: Dtype, bytes: &[u8], count: u64) -> Result<(), String> {
             bytes.len()
         ));
     }
-    if dtype == Dtype::Bool {
-        if let Some(at) = bytes.iter().position(|&b| b > 1) {
-            return Err(format!(
-                "BOOL element {at} is {}; BOOL bytes are 0 or 1",
-                bytes[at]
-            ));
-        }
+    if dtype == Dtype::Bool
+        && let Some(at) = bytes.iter().position(|&b| b > 1)
+    {
+        return Err(format!(
+            "BOOL element {at} is {}; BOOL bytes are 0 or 1",
+            bytes[at]
+        ));
     }
     Ok(())
 }
