@@ -1,6 +1,6 @@
-//! The Python environment of the OpenAI SDK test: `<cache>/venv-sdk`, holding exactly the
-//! packages of [`REQUIREMENTS`] (the official `openai` client and its dependencies, every one
-//! pinned). A stamp file in the venv records the sha256 of the requirements; the venv is
+//! The Python environment of the client SDK tests: `<cache>/venv-sdk`, holding exactly the
+//! packages of [`REQUIREMENTS`] (the official `openai` client, Triton's `tritonclient` and
+//! their dependencies, every one pinned). A stamp file in the venv records the sha256 of the requirements; the venv is
 //! rebuilt when they change and left alone otherwise. It is separate from the models' venv
 //! (lmgrid-setup's `<cache>/venv`) so that neither set of pins constrains the other.
 
