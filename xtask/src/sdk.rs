@@ -93,7 +93,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requirements_pin_openai_and_every_dependency_exactly() {
+    fn requirements_pin_the_sdks_and_every_dependency_exactly() {
         let text = std::fs::read_to_string(crate::project_root().join(REQUIREMENTS)).unwrap();
         let pins: Vec<&str> = text
             .lines()
@@ -106,6 +106,11 @@ mod tests {
         );
         assert!(
             pins.iter().any(|pin| pin.starts_with("pydantic==")),
+            "{pins:?}"
+        );
+        assert!(
+            pins.iter()
+                .any(|pin| pin.starts_with("tritonclient[grpc,http]==")),
             "{pins:?}"
         );
         for pin in &pins {
