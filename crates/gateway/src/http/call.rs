@@ -419,11 +419,18 @@ impl FromRequest<AppState> for JsonBody {
     }
 }
 
-/// Reads a whole body of at most `limit` bytes.
+/// Reads a whole body of at most `limit` bytes. A compressed body is refused
+/// (415) rather than misread as malformed JSON.
 pub(crate) async fn read_body(
     request: Request,
     limit: usize,
 ) -> Result<axum::body::Bytes, ApiError> {
+    if let Some(encoding) = request.headers().get(header::CONTENT_ENCODING) {
+        let encoding = String::from_utf8_lossy(encoding.as_bytes());
+        if !encoding.trim().eq_ignore_ascii_case("identity") {
+            return Err(ApiError::unsupported_encoding(encoding.trim()));
+        }
+    }
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -483,6 +490,21 @@ mod tests {
         let err = timeout_header(&headers, REQUEST_TIMEOUT, parse_seconds_or_duration).unwrap_err();
         assert_eq!(err.status(), 400);
         assert!(err.message().contains("x-request-timeout"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn compressed_bodies_are_refused_and_identity_is_read() {
+        let request = |encoding: &str| {
+            axum::http::Request::builder()
+                .header(header::CONTENT_ENCODING, encoding)
+                .body(axum::body::Body::from("{}"))
+                .unwrap()
+        };
+        let err = read_body(request("gzip"), 100).await.unwrap_err();
+        assert_eq!(err.status(), 415);
+        assert!(err.message().contains("\"gzip\""), "{err:?}");
+        let body = read_body(request("Identity"), 100).await.unwrap();
+        assert_eq!(&body[..], b"{}");
     }
 
     #[test]

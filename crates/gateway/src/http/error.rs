@@ -124,6 +124,21 @@ impl ApiError {
         }
     }
 
+    /// 415: the body is compressed with `encoding`, which the gateway does
+    /// not decode.
+    pub(crate) fn unsupported_encoding(encoding: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message: format!(
+                "Content-Encoding {encoding:?} is not supported; send the request body uncompressed"
+            ),
+            param: None,
+            code: Cow::Borrowed("unsupported_content_encoding"),
+            retry_after: None,
+            challenge: false,
+        }
+    }
+
     /// 404 for a path no route serves.
     pub(crate) fn no_route(method: &str, path: &str) -> ApiError {
         ApiError::new(ErrorKind::NotFound, format!("no route for {method} {path}"))
