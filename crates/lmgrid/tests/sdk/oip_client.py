@@ -168,6 +168,18 @@ class Checks:
             *invalid,
         )
         assert "a" in error.message(), error.message()
+        if self.protocol == "http":
+            # Compressed bodies are refused by name, not misread.
+            error = expect_error(
+                lambda: self.client.infer(
+                    ADD_MUL,
+                    self.inputs(a, a, True),
+                    request_compression_algorithm="gzip",
+                    headers=self.headers,
+                ),
+                "415",
+            )
+            assert "gzip" in error.message(), error.message()
 
     def keys(self):
         if not self.headers:
