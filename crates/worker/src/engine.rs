@@ -294,6 +294,7 @@ fn from_ort(ty: TensorElementType) -> Option<DataType> {
         TensorElementType::Float16 => DataType::Fp16,
         TensorElementType::Float32 => DataType::Fp32,
         TensorElementType::Float64 => DataType::Fp64,
+        TensorElementType::String => DataType::Bytes,
         _ => return None,
     })
 }
@@ -314,6 +315,7 @@ fn to_value(tensor: Tensor) -> Result<DynValue, ort::Error> {
         TensorData::Fp16(v) => T::from_array((shape, v))?.into_dyn(),
         TensorData::Fp32(v) => T::from_array((shape, v))?.into_dyn(),
         TensorData::Fp64(v) => T::from_array((shape, v))?.into_dyn(),
+        TensorData::Bytes(v) => T::<String>::from_string_array((shape, v.as_slice()))?.into_dyn(),
     })
 }
 
@@ -337,6 +339,10 @@ fn from_value(name: &str, value: &DynValue, dtype: DataType) -> Result<Tensor, o
         DataType::Fp16 => take::<f16>(value).map(|(s, d)| (s, TensorData::Fp16(d)))?,
         DataType::Fp32 => take::<f32>(value).map(|(s, d)| (s, TensorData::Fp32(d)))?,
         DataType::Fp64 => take::<f64>(value).map(|(s, d)| (s, TensorData::Fp64(d)))?,
+        DataType::Bytes => {
+            let (shape, strings) = value.try_extract_strings()?;
+            (shape.to_vec(), TensorData::Bytes(strings))
+        }
     };
     Ok(Tensor {
         name: name.to_string(),

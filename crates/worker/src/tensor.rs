@@ -4,6 +4,10 @@
 //! little-endian `raw_input_contents`), validating sizes and value ranges,
 //! and concatenates and splits tensors along the batch (first) dimension for
 //! the dynamic batcher.
+//!
+//! BYTES elements are text here: ONNX Runtime's string tensors hold
+//! NUL-terminated UTF-8, so an element that is not UTF-8 or holds a NUL byte
+//! is refused when the request is decoded.
 
 use half::f16;
 use lmgrid_proto::inference as pb;
@@ -23,6 +27,7 @@ pub enum DataType {
     Fp16,
     Fp32,
     Fp64,
+    Bytes,
 }
 
 impl DataType {
@@ -41,6 +46,7 @@ impl DataType {
             DataType::Fp16 => "FP16",
             DataType::Fp32 => "FP32",
             DataType::Fp64 => "FP64",
+            DataType::Bytes => "BYTES",
         }
     }
 
@@ -58,17 +64,20 @@ impl DataType {
             "FP16" => DataType::Fp16,
             "FP32" => DataType::Fp32,
             "FP64" => DataType::Fp64,
+            "BYTES" => DataType::Bytes,
             _ => return None,
         })
     }
 
-    /// Bytes per element in raw little-endian form.
-    pub fn size(self) -> usize {
+    /// Bytes per element in raw little-endian form; `None` for BYTES, whose
+    /// elements are each a 4-byte little-endian length and that many bytes.
+    pub fn size(self) -> Option<usize> {
         match self {
-            DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,
-            DataType::Uint16 | DataType::Int16 | DataType::Fp16 => 2,
-            DataType::Uint32 | DataType::Int32 | DataType::Fp32 => 4,
-            DataType::Uint64 | DataType::Int64 | DataType::Fp64 => 8,
+            DataType::Bool | DataType::Uint8 | DataType::Int8 => Some(1),
+            DataType::Uint16 | DataType::Int16 | DataType::Fp16 => Some(2),
+            DataType::Uint32 | DataType::Int32 | DataType::Fp32 => Some(4),
+            DataType::Uint64 | DataType::Int64 | DataType::Fp64 => Some(8),
+            DataType::Bytes => None,
         }
     }
 }
@@ -94,6 +103,8 @@ pub enum TensorData {
     Fp16(Vec<f16>),
     Fp32(Vec<f32>),
     Fp64(Vec<f64>),
+    /// BYTES, each element UTF-8 text without NUL bytes.
+    Bytes(Vec<String>),
 }
 
 /// Applies `$body` to the typed vector inside a `TensorData`, binding it to `$v`.
@@ -112,6 +123,7 @@ macro_rules! with_data {
             TensorData::Fp16($v) => $body,
             TensorData::Fp32($v) => $body,
             TensorData::Fp64($v) => $body,
+            TensorData::Bytes($v) => $body,
         }
     };
 }
@@ -132,6 +144,7 @@ macro_rules! map_data {
             TensorData::Fp16($v) => TensorData::Fp16($body),
             TensorData::Fp32($v) => TensorData::Fp32($body),
             TensorData::Fp64($v) => TensorData::Fp64($body),
+            TensorData::Bytes($v) => TensorData::Bytes($body),
         }
     };
 }
@@ -151,6 +164,7 @@ impl TensorData {
             TensorData::Fp16(_) => DataType::Fp16,
             TensorData::Fp32(_) => DataType::Fp32,
             TensorData::Fp64(_) => DataType::Fp64,
+            TensorData::Bytes(_) => DataType::Bytes,
         }
     }
 
@@ -177,6 +191,7 @@ impl TensorData {
             DataType::Fp16 => TensorData::Fp16(Vec::with_capacity(capacity)),
             DataType::Fp32 => TensorData::Fp32(Vec::with_capacity(capacity)),
             DataType::Fp64 => TensorData::Fp64(Vec::with_capacity(capacity)),
+            DataType::Bytes => TensorData::Bytes(Vec::with_capacity(capacity)),
         }
     }
 
@@ -195,6 +210,7 @@ impl TensorData {
             (TensorData::Fp16(a), TensorData::Fp16(b)) => a.extend_from_slice(b),
             (TensorData::Fp32(a), TensorData::Fp32(b)) => a.extend_from_slice(b),
             (TensorData::Fp64(a), TensorData::Fp64(b)) => a.extend_from_slice(b),
+            (TensorData::Bytes(a), TensorData::Bytes(b)) => a.extend_from_slice(b),
             _ => return false,
         }
         true
@@ -207,7 +223,7 @@ impl TensorData {
 
     /// Little-endian raw bytes, as in `raw_output_contents`.
     pub fn to_le_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.len() * self.dtype().size());
+        let mut out = Vec::with_capacity(self.len() * self.dtype().size().unwrap_or(8));
         match self {
             TensorData::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
             TensorData::Uint8(v) => out.extend_from_slice(v),
@@ -239,20 +255,28 @@ impl TensorData {
             TensorData::Fp64(v) => v
                 .iter()
                 .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            TensorData::Bytes(v) => v.iter().for_each(|s| {
+                // Decoded elements came with a u32 length; model outputs
+                // larger than 4 GiB cannot be sent in a gRPC message anyway.
+                let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(s.as_bytes());
+            }),
         }
         out
     }
 
-    /// Parses little-endian raw bytes; the length must be a whole number of
-    /// elements (checked by the caller against the shape).
-    fn from_le_bytes(dtype: DataType, bytes: &[u8]) -> TensorData {
+    /// Parses the little-endian raw bytes of input `name`; for fixed-size
+    /// datatypes the length must be a whole number of elements (checked by
+    /// the caller against the shape).
+    fn from_le_bytes(name: &str, dtype: DataType, bytes: &[u8]) -> Result<TensorData, TensorError> {
         fn read<const N: usize, T>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
             bytes
                 .chunks_exact(N)
                 .map(|c| f(c.try_into().unwrap_or([0; N])))
                 .collect()
         }
-        match dtype {
+        Ok(match dtype {
             DataType::Bool => TensorData::Bool(bytes.iter().map(|&b| b != 0).collect()),
             DataType::Uint8 => TensorData::Uint8(bytes.to_vec()),
             DataType::Int8 => TensorData::Int8(read(bytes, i8::from_le_bytes)),
@@ -265,8 +289,53 @@ impl TensorData {
             DataType::Fp16 => TensorData::Fp16(read(bytes, f16::from_le_bytes)),
             DataType::Fp32 => TensorData::Fp32(read(bytes, f32::from_le_bytes)),
             DataType::Fp64 => TensorData::Fp64(read(bytes, f64::from_le_bytes)),
-        }
+            DataType::Bytes => TensorData::Bytes(bytes_elements(name, bytes)?),
+        })
     }
+}
+
+/// The elements of a BYTES tensor's raw contents: each a 4-byte little-endian
+/// length and that many bytes of UTF-8 text without NUL.
+fn bytes_elements(name: &str, bytes: &[u8]) -> Result<Vec<String>, TensorError> {
+    let mut elements = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let index = elements.len();
+        let element = rest
+            .split_first_chunk::<4>()
+            .and_then(|(len, tail)| {
+                let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+                Some((tail.get(..len)?, &tail[len..]))
+            })
+            .map(|(element, tail)| {
+                rest = tail;
+                element
+            })
+            .ok_or_else(|| {
+                TensorError(format!(
+                    "input '{name}': BYTES element {index} runs past the end of the raw contents \
+                     (each element is a 4-byte little-endian length and that many bytes)"
+                ))
+            })?;
+        elements.push(text_element(name, index, element.to_vec())?);
+    }
+    Ok(elements)
+}
+
+/// One BYTES element as text ONNX Runtime can take.
+fn text_element(name: &str, index: usize, bytes: Vec<u8>) -> Result<String, TensorError> {
+    if bytes.contains(&0) {
+        return Err(TensorError(format!(
+            "input '{name}': BYTES element {index} holds a NUL byte, which ONNX Runtime's \
+             string tensors cannot carry"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        TensorError(format!(
+            "input '{name}': BYTES element {index} is not UTF-8; ONNX Runtime's string tensors \
+             hold text"
+        ))
+    })
 }
 
 /// A named tensor.
@@ -328,7 +397,7 @@ impl Tensor {
         let name = input.name;
         let dtype = DataType::parse(&input.datatype).ok_or_else(|| {
             TensorError(format!(
-                "input '{name}': unsupported datatype '{}' (supported: BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, FP32, FP64)",
+                "input '{name}': unsupported datatype '{}' (supported: BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, FP32, FP64, BYTES)",
                 input.datatype
             ))
         })?;
@@ -340,15 +409,16 @@ impl Tensor {
         }
         let data = match raw {
             Some(bytes) => {
-                let expected = count * dtype.size();
-                if bytes.len() != expected {
+                if let Some(expected) = dtype.size().map(|size| count * size)
+                    && bytes.len() != expected
+                {
                     return Err(DecodeError::Invalid(TensorError(format!(
                         "input '{name}': raw contents hold {} bytes, but shape {:?} of {dtype} needs {expected}",
                         bytes.len(),
                         input.shape
                     ))));
                 }
-                TensorData::from_le_bytes(dtype, bytes)
+                TensorData::from_le_bytes(&name, dtype, bytes)?
             }
             None => from_contents(&name, dtype, input.contents.unwrap_or_default())?,
         };
@@ -397,6 +467,9 @@ impl Tensor {
             TensorData::Int64(v) => contents.int64_contents = v,
             TensorData::Fp32(v) => contents.fp32_contents = v,
             TensorData::Fp64(v) => contents.fp64_contents = v,
+            TensorData::Bytes(v) => {
+                contents.bytes_contents = v.into_iter().map(String::into_bytes).collect()
+            }
             TensorData::Fp16(_) => {}
         }
         output.contents = Some(contents);
@@ -478,6 +551,14 @@ fn from_contents(
         DataType::Fp32 => return Err(wrong_field("fp32_contents")),
         DataType::Fp64 if others_empty(fp64_contents.len()) => TensorData::Fp64(fp64_contents),
         DataType::Fp64 => return Err(wrong_field("fp64_contents")),
+        DataType::Bytes if others_empty(bytes_contents.len()) => TensorData::Bytes(
+            bytes_contents
+                .into_iter()
+                .enumerate()
+                .map(|(index, bytes)| text_element(name, index, bytes))
+                .collect::<Result<_, _>>()?,
+        ),
+        DataType::Bytes => return Err(wrong_field("bytes_contents")),
         DataType::Fp16 => {
             return Err(TensorError(format!(
                 "input '{name}': FP16 has no typed contents field; send it in raw_input_contents"
@@ -602,13 +683,86 @@ mod tests {
             DataType::Fp32,
             DataType::Fp64,
         ] {
-            let bytes: Vec<u8> = (0..6 * dtype.size()).map(|i| (i % 2) as u8).collect();
+            let size = dtype.size().unwrap_or_default();
+            let bytes: Vec<u8> = (0..6 * size).map(|i| (i % 2) as u8).collect();
             let tensor =
                 Tensor::from_request(input("x", dtype.as_str(), &[2, 3]), Some(&bytes), 100)
                     .unwrap();
             assert_eq!(tensor.dtype(), dtype);
             assert_eq!(tensor.data.to_le_bytes(), bytes, "{dtype}");
         }
+    }
+
+    #[test]
+    fn bytes_are_length_prefixed_text_raw_or_typed() {
+        let raw: Vec<u8> = ["", "héllo", "a b"]
+            .iter()
+            .flat_map(|s| [&(s.len() as u32).to_le_bytes()[..], s.as_bytes()].concat())
+            .collect();
+        let tensor = Tensor::from_request(input("s", "BYTES", &[3]), Some(&raw), 100).unwrap();
+        let text = vec![String::new(), "héllo".to_string(), "a b".to_string()];
+        assert_eq!(tensor.data, TensorData::Bytes(text.clone()));
+        assert_eq!(tensor.data.to_le_bytes(), raw);
+        let (output, bytes) = tensor.clone().into_response(false);
+        assert!(bytes.is_none());
+        assert_eq!(output.datatype, "BYTES");
+        assert_eq!(
+            output.contents.unwrap().bytes_contents,
+            text.iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect::<Vec<_>>()
+        );
+
+        let mut typed = input("s", "BYTES", &[1, 2]);
+        typed.contents = Some(pb::InferTensorContents {
+            bytes_contents: vec![b"x".to_vec(), b"yz".to_vec()],
+            ..Default::default()
+        });
+        let tensor = Tensor::from_request(typed.clone(), None, 100).unwrap();
+        assert_eq!(
+            tensor.data,
+            TensorData::Bytes(vec!["x".to_string(), "yz".to_string()])
+        );
+
+        // Batching and padding keep elements whole.
+        let both = concat(&[&tensor, &tensor]);
+        assert_eq!(both.shape, [2, 2]);
+        assert_eq!(
+            split(&both, &[1, 1]).unwrap(),
+            vec![tensor.clone(), tensor.clone()]
+        );
+        let padded = pad_sequence(tensor, 3);
+        assert_eq!(
+            padded.data,
+            TensorData::Bytes(vec!["x".into(), "yz".into(), String::new()])
+        );
+
+        for (bytes, needle) in [
+            (vec![5, 0, 0, 0, b'a'], "element 0 runs past the end"),
+            (vec![1, 0, 0], "element 0 runs past the end"),
+            (vec![1, 0, 0, 0, 0xff], "element 0 is not UTF-8"),
+            (
+                [&[1u8, 0, 0, 0, b'a'][..], &[1, 0, 0, 0, 0]].concat(),
+                "element 1 holds a NUL byte",
+            ),
+        ] {
+            let err = Tensor::from_request(input("s", "BYTES", &[2]), Some(&bytes), 100)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("input 's'") && err.contains(needle), "{err}");
+        }
+        let err = Tensor::from_request(input("s", "BYTES", &[2]), Some(&raw), 100)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3 values given"), "{err}");
+        typed.contents = Some(pb::InferTensorContents {
+            int_contents: vec![1, 2],
+            ..Default::default()
+        });
+        let err = Tensor::from_request(typed, None, 100)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bytes_contents"), "{err}");
     }
 
     #[test]

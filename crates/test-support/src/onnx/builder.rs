@@ -22,11 +22,13 @@ pub enum ElemType {
     Uint16,
     Uint32,
     Uint64,
+    /// Text (the protocol's BYTES): variable-length elements, so never in `raw_data`.
+    String,
 }
 
 impl ElemType {
     /// Every element type, for tests that cover them all.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Bool,
         Self::Uint8,
         Self::Int8,
@@ -39,6 +41,7 @@ impl ElemType {
         Self::Uint16,
         Self::Uint32,
         Self::Uint64,
+        Self::String,
     ];
 
     /// The ONNX data type.
@@ -56,6 +59,7 @@ impl ElemType {
             Self::Uint16 => DataType::Uint16,
             Self::Uint32 => DataType::Uint32,
             Self::Uint64 => DataType::Uint64,
+            Self::String => DataType::String,
         }
     }
 
@@ -66,13 +70,15 @@ impl ElemType {
             .find(|elem| i32::from(elem.data_type()) == data_type)
     }
 
-    /// Bytes per element in a tensor's `raw_data` (one for `Bool`).
-    pub fn byte_size(self) -> usize {
+    /// Bytes per element in a tensor's `raw_data` (one for `Bool`); `None` for `String`,
+    /// whose elements vary in length and never go in `raw_data`.
+    pub fn byte_size(self) -> Option<usize> {
         match self {
-            Self::Bool | Self::Uint8 | Self::Int8 => 1,
-            Self::Int16 | Self::Uint16 | Self::Float16 => 2,
-            Self::Int32 | Self::Uint32 | Self::Float => 4,
-            Self::Int64 | Self::Uint64 | Self::Double => 8,
+            Self::Bool | Self::Uint8 | Self::Int8 => Some(1),
+            Self::Int16 | Self::Uint16 | Self::Float16 => Some(2),
+            Self::Int32 | Self::Uint32 | Self::Float => Some(4),
+            Self::Int64 | Self::Uint64 | Self::Double => Some(8),
+            Self::String => None,
         }
     }
 }
@@ -123,12 +129,16 @@ impl TensorProto {
     ///
     /// # Panics
     ///
-    /// Panics unless `raw_data` holds exactly as many elements as `dims` says.
+    /// Panics unless `raw_data` holds exactly as many elements as `dims` says, or for
+    /// `String`, which has no raw form.
     pub fn from_raw(name: &str, elem: ElemType, dims: &[i64], raw_data: Vec<u8>) -> Self {
         let count = element_count(dims);
+        let size = elem
+            .byte_size()
+            .unwrap_or_else(|| panic!("tensor `{name}`: {elem:?} has no raw_data form"));
         assert_eq!(
             raw_data.len(),
-            count * elem.byte_size(),
+            count * size,
             "tensor `{name}` of shape {dims:?} needs {count} {elem:?} elements"
         );
         Self {

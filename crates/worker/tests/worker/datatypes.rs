@@ -57,6 +57,8 @@ fn cases() -> Vec<Case> {
         f64::NEG_INFINITY,
         f64::NAN,
     ];
+    // Text of every size class: empty, ASCII, multi-byte UTF-8, spaces and punctuation.
+    let texts = ["", "a", "héllo wörld", "東京", " spaced out ", "tab\tand, comma"];
     let typed = |contents: InferTensorContents| Some(contents);
     vec![
         Case {
@@ -164,6 +166,19 @@ fn cases() -> Vec<Case> {
                 ..Default::default()
             }),
             raw: bytes(&f64s, |v| v.to_le_bytes()),
+        },
+        Case {
+            elem: ElemType::String,
+            datatype: "BYTES",
+            typed: typed(InferTensorContents {
+                bytes_contents: texts.iter().map(|t| t.as_bytes().to_vec()).collect(),
+                ..Default::default()
+            }),
+            // Each element a 4-byte little-endian length, then its bytes.
+            raw: texts
+                .iter()
+                .flat_map(|t| [&(t.len() as u32).to_le_bytes()[..], t.as_bytes()].concat())
+                .collect(),
         },
     ]
 }

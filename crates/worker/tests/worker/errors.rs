@@ -65,9 +65,9 @@ async fn bad_inputs_are_invalid_arguments_that_name_the_tensor() -> anyhow::Resu
     assert_status(result, invalid, &["input 'b'", "FP64", "FP32"]);
 
     let mut unknown_datatype = am(2);
-    unknown_datatype.inputs[0].datatype = "BYTES".to_string();
+    unknown_datatype.inputs[0].datatype = "BF16".to_string();
     let result = client.model_infer(unknown_datatype).await;
-    assert_status(result, invalid, &["input 'a'", "BYTES", "FP32"]);
+    assert_status(result, invalid, &["input 'a'", "BF16", "FP32"]);
 
     let mut missing = am(2);
     missing.inputs.pop();
