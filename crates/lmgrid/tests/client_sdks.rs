@@ -29,7 +29,7 @@ const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
 const GENERATION_MODEL: &str = "smollm2-135m-instruct";
 
 /// The tensor fixtures the Open Inference Protocol script uses.
-const TENSOR_MODELS: [&str; 2] = ["add_mul", "identity_fp16"];
+const TENSOR_MODELS: [&str; 3] = ["add_mul", "identity_fp16", "identity_bytes"];
 
 /// How long the platform gets to load the models and become ready.
 const START_PATIENCE: Duration = Duration::from_secs(180);
@@ -88,6 +88,8 @@ impl Setup {
         onnx::model_repository(&repository, "add_mul", &[("1", &onnx::add_mul())], config)?;
         let fp16 = onnx::identity(ElemType::Float16, &[3]);
         onnx::model_repository(&repository, "identity_fp16", &[("1", &fp16)], config)?;
+        let text = onnx::identity(ElemType::String, &[2]);
+        onnx::model_repository(&repository, "identity_bytes", &[("1", &text)], config)?;
         Ok(Setup { python, dir })
     }
 

@@ -3,8 +3,8 @@ an lmgrid gateway.
 
 Run by the tests in crates/lmgrid/tests/client_sdks.rs with the Python of the venv that
 `cargo xtask deps` builds from xtask/python/requirements-sdk.txt, against a gateway serving
-the tensor fixtures `add_mul` (FP32 a, b [-1, 4] -> sum, product) and `identity_fp16`
-(FP16 x [-1, 3] -> y):
+the tensor fixtures `add_mul` (FP32 a, b [-1, 4] -> sum, product), `identity_fp16`
+(FP16 x [-1, 3] -> y) and `identity_bytes` (BYTES x [-1, 2] -> y):
 
     python oip_client.py --http 127.0.0.1:8080 --grpc 127.0.0.1:8081 [--api-key KEY]
 
@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 ADD_MUL = "add_mul"
 FP16 = "identity_fp16"
+TEXT = "identity_bytes"
 
 
 def expect_error(call, *statuses):
@@ -148,6 +149,34 @@ class Checks:
         assert y.dtype == np.float16, y.dtype
         np.testing.assert_array_equal(y, x)
 
+    def infer_bytes(self):
+        x = np.array([["", "héllo".encode()], ["東京".encode(), b"a, b"]], dtype=np.object_)
+        modes = (True, False) if self.protocol == "http" else (None,)
+        for binary in modes:
+            tensor = self.module.InferInput("x", list(x.shape), "BYTES")
+            if binary is None:
+                tensor.set_data_from_numpy(x)
+            else:
+                tensor.set_data_from_numpy(x, binary_data=binary)
+            outputs = None if binary is None else [self.output("y", binary)]
+            result = self.client.infer(TEXT, [tensor], outputs=outputs, headers=self.headers)
+            y = result.as_numpy("y")
+            assert y.shape == x.shape, y.shape
+            # Binary outputs come back as bytes, JSON ones as text.
+            got = [v if isinstance(v, bytes) else v.encode() for v in y.flatten()]
+            want = [v if isinstance(v, bytes) else v.encode() for v in x.flatten()]
+            assert got == want, (binary, got, want)
+        # Bytes that are not text are refused by the worker.
+        bad = np.array([[b"\xff", b"ok"]], dtype=np.object_)
+        tensor = self.module.InferInput("x", [1, 2], "BYTES")
+        tensor.set_data_from_numpy(bad)
+        error = expect_error(
+            lambda: self.client.infer(TEXT, [tensor], headers=self.headers),
+            "400",
+            "StatusCode.INVALID_ARGUMENT",
+        )
+        assert "UTF-8" in error.message(), error.message()
+
     def errors(self):
         a = np.zeros((1, 4), dtype=np.float32)
         not_found = ("404", "StatusCode.NOT_FOUND")
@@ -216,7 +245,7 @@ def main():
     for protocol, module, client in clients:
         checks = Checks(module, client, args.api_key, protocol)
         for name in ("server", "model_metadata", "infer", "infer_json_and_mixed", "infer_fp16",
-                     "errors", "keys"):
+                     "infer_bytes", "errors", "keys"):
             label = f"{protocol}.{name}"
             try:
                 getattr(checks, name)()

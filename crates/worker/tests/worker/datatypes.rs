@@ -58,7 +58,14 @@ fn cases() -> Vec<Case> {
         f64::NAN,
     ];
     // Text of every size class: empty, ASCII, multi-byte UTF-8, spaces and punctuation.
-    let texts = ["", "a", "héllo wörld", "東京", " spaced out ", "tab\tand, comma"];
+    let texts = [
+        "",
+        "a",
+        "héllo wörld",
+        "東京",
+        " spaced out ",
+        "tab\tand, comma",
+    ];
     let typed = |contents: InferTensorContents| Some(contents);
     vec![
         Case {
