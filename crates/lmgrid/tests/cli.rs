@@ -4,13 +4,14 @@
 
 mod common;
 
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use common::{PATIENCE, Running, free_addrs, http_get, lmgrid, run_service, worker_command};
+use anyhow::Context as _;
+use common::{
+    PATIENCE, Running, free_addrs, http_get, lmgrid, promtool_check_metrics, run_service,
+    worker_command,
+};
 use lmgrid_core::config::EtcdConfig;
 use lmgrid_core::discovery::{Discovery as _, EtcdDiscovery, Membership};
 use lmgrid_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -382,36 +383,6 @@ async fn lmgrid_up_refuses_a_missing_model_repository() -> anyhow::Result<()> {
         missing.display()
     );
     assert!(stderr.contains(&expected), "{stderr}");
-    Ok(())
-}
-
-/// Runs `promtool check metrics` on `text`, failing with its complaints.
-fn promtool_check_metrics(text: &str) -> anyhow::Result<()> {
-    let mut promtool = match Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            bail!("`promtool` not found on PATH; run `cargo xtask deps` to install it")
-        }
-        Err(error) => return Err(error).context("run promtool"),
-    };
-    promtool
-        .stdin
-        .take()
-        .context("promtool stdin")?
-        .write_all(text.as_bytes())?;
-    let output = promtool.wait_with_output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "promtool check metrics failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
     Ok(())
 }
 

@@ -12,14 +12,12 @@
 
 mod common;
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use common::{Running, free_addrs, http_get, http_request, lmgrid};
+use common::{Running, free_addrs, http_get, http_request, lmgrid, promtool_check_metrics};
 use lmgrid_test_support::onnx::{self, ElemType};
 use lmgrid_test_support::{EtcdServer, RedisServer, wait_until};
 use tempfile::TempDir;
@@ -165,30 +163,6 @@ fn logs_of(running: &Running, what: &str) -> String {
     )
 }
 
-/// Runs `promtool check metrics` on `text`.
-fn promtool_check_metrics(text: &str) -> anyhow::Result<()> {
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("run promtool (install it with `cargo xtask deps`)")?;
-    promtool
-        .stdin
-        .take()
-        .context("promtool stdin")?
-        .write_all(text.as_bytes())?;
-    let output = promtool.wait_with_output()?;
-    ensure!(
-        output.status.success(),
-        "promtool check metrics failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openai_sdk_and_tritonclient_work_against_lmgrid_up() -> anyhow::Result<()> {
     let setup = Setup::new()?;
@@ -271,21 +245,9 @@ async fn the_openai_sdk_and_tritonclient_work_against_a_gateway_and_a_worker_wit
         .env("LMGRID__MODEL_REPOSITORY", setup.repository());
     let worker = Running::spawn(&mut worker.command, "lmgrid worker")?;
 
-    let [http, grpc] = free_addrs();
-    let [admin, _] = free_addrs();
-    let mut command = lmgrid();
-    command
-        .arg("gateway")
-        .env("LMGRID__NODE__INSTANCE_ID", "sdk-gateway")
-        .env("LMGRID__NODE__GRPC__LISTEN_ADDR", grpc.to_string())
-        .env("LMGRID__NODE__ADMIN__LISTEN_ADDR", admin.to_string())
-        .env(
-            "LMGRID__NODE__DISCOVERY__ETCD__ENDPOINTS",
-            format!("[{}]", etcd.endpoint()),
-        )
-        .env("LMGRID__NODE__DISCOVERY__ETCD__PREFIX", &prefix)
-        .env("LMGRID__NODE__SHUTDOWN__DRAIN_DELAY", "0s")
-        .env("LMGRID__HTTP__LISTEN_ADDR", http.to_string())
+    let mut gateway = common::gateway_command(&etcd, &prefix, "sdk-gateway");
+    gateway
+        .command
         .env("LMGRID__AUTH__REQUIRED", "true")
         .env("LMGRID__AUTH__ADMIN_TOKEN", ADMIN_TOKEN)
         .env("LMGRID__ADMISSION__REDIS__URL", redis.url())
@@ -293,7 +255,8 @@ async fn the_openai_sdk_and_tritonclient_work_against_a_gateway_and_a_worker_wit
             "LMGRID__ADMISSION__REDIS__KEY_PREFIX",
             redis.unique_prefix("client-sdks"),
         );
-    let gateway = Running::spawn(&mut command, "lmgrid gateway")?;
+    let (http, grpc, admin) = (gateway.http_addr, gateway.grpc_addr, gateway.admin_addr);
+    let gateway = Running::spawn(&mut gateway.command, "lmgrid gateway")?;
     let logs = || {
         format!(
             "{}\n{}",

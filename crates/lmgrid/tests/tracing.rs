@@ -72,7 +72,12 @@ async fn a_request_is_one_trace_across_gateway_and_worker_at_the_collector() -> 
         .env("LMGRID__MODEL_REPOSITORY", models.path());
     exporting_to(&mut worker.command, &receiver);
     let mut worker = Running::spawn(&mut worker.command, "lmgrid worker")?;
-    let mut gateway = gateway_command(&etcd, &prefix);
+    // Without API keys (callers on loopback are the tenant `anonymous`) and an admin port.
+    let mut gateway = common::gateway_command(&etcd, &prefix, "traced-gateway");
+    gateway
+        .command
+        .env("LMGRID__NODE__ADMIN__ENABLED", "false")
+        .env("LMGRID__AUTH__REQUIRED", "false");
     exporting_to(&mut gateway.command, &receiver);
     let (http, grpc) = (gateway.http_addr, gateway.grpc_addr);
     let mut gateway = Running::spawn(&mut gateway.command, "lmgrid gateway")?;
@@ -246,37 +251,6 @@ fn exporting_to(command: &mut Command, receiver: &Receiver) {
             receiver.endpoint(),
         )
         .env("OTEL_BSP_SCHEDULE_DELAY", NO_SCHEDULED_EXPORT);
-}
-
-/// `lmgrid gateway` finding workers in `etcd` under `prefix`, on free loopback ports, without
-/// API keys (callers on loopback are the tenant `anonymous`) and without an admin port.
-struct GatewayProcess {
-    command: Command,
-    http_addr: SocketAddr,
-    grpc_addr: SocketAddr,
-}
-
-fn gateway_command(etcd: &EtcdServer, prefix: &str) -> GatewayProcess {
-    let [http_addr, grpc_addr] = free_addrs();
-    let mut command = lmgrid();
-    command
-        .arg("gateway")
-        .env("LMGRID__NODE__INSTANCE_ID", "traced-gateway")
-        .env("LMGRID__NODE__GRPC__LISTEN_ADDR", grpc_addr.to_string())
-        .env("LMGRID__NODE__ADMIN__ENABLED", "false")
-        .env(
-            "LMGRID__NODE__DISCOVERY__ETCD__ENDPOINTS",
-            format!("[{}]", etcd.endpoint()),
-        )
-        .env("LMGRID__NODE__DISCOVERY__ETCD__PREFIX", prefix)
-        .env("LMGRID__NODE__SHUTDOWN__DRAIN_DELAY", "0s")
-        .env("LMGRID__HTTP__LISTEN_ADDR", http_addr.to_string())
-        .env("LMGRID__AUTH__REQUIRED", "false");
-    GatewayProcess {
-        command,
-        http_addr,
-        grpc_addr,
-    }
 }
 
 /// One span as the receiver got it, with the `service.name` of the process that sent it.

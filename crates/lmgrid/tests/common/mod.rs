@@ -166,6 +166,41 @@ pub(crate) fn worker_command(
     }
 }
 
+/// `lmgrid gateway` finding workers in `etcd` under `prefix` as `id`, on free loopback ports.
+/// Its authentication is the caller's to set.
+pub(crate) struct GatewayProcess {
+    pub(crate) command: Command,
+    pub(crate) http_addr: SocketAddr,
+    pub(crate) grpc_addr: SocketAddr,
+    pub(crate) admin_addr: SocketAddr,
+}
+
+pub(crate) fn gateway_command(etcd: &EtcdServer, prefix: &str, id: &str) -> GatewayProcess {
+    let [http_addr, grpc_addr] = free_addrs();
+    let admin_addr = std::iter::repeat_with(|| free_addrs()[0])
+        .find(|addr| ![http_addr, grpc_addr].contains(addr))
+        .expect("an endless supply of ports");
+    let mut command = lmgrid();
+    command
+        .arg("gateway")
+        .env("LMGRID__NODE__INSTANCE_ID", id)
+        .env("LMGRID__NODE__GRPC__LISTEN_ADDR", grpc_addr.to_string())
+        .env("LMGRID__NODE__ADMIN__LISTEN_ADDR", admin_addr.to_string())
+        .env(
+            "LMGRID__NODE__DISCOVERY__ETCD__ENDPOINTS",
+            format!("[{}]", etcd.endpoint()),
+        )
+        .env("LMGRID__NODE__DISCOVERY__ETCD__PREFIX", prefix)
+        .env("LMGRID__NODE__SHUTDOWN__DRAIN_DELAY", "0s")
+        .env("LMGRID__HTTP__LISTEN_ADDR", http_addr.to_string());
+    GatewayProcess {
+        command,
+        http_addr,
+        grpc_addr,
+        admin_addr,
+    }
+}
+
 /// Two distinct loopback addresses whose ports were free a moment ago.
 pub(crate) fn free_addrs() -> [SocketAddr; 2] {
     let first = free_port();
@@ -218,4 +253,32 @@ pub(crate) async fn http_request(
         .and_then(|code| code.parse().ok())
         .with_context(|| format!("malformed status line in {head:?}"))?;
     Ok((status, body.to_string()))
+}
+
+/// Runs `promtool check metrics` on `text`, failing with its complaints.
+pub(crate) fn promtool_check_metrics(text: &str) -> anyhow::Result<()> {
+    let mut promtool = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            bail!("`promtool` not found on PATH; run `cargo xtask deps` to install it")
+        }
+        Err(error) => return Err(error).context("run promtool"),
+    };
+    let mut stdin = promtool.stdin.take().context("promtool stdin")?;
+    std::io::Write::write_all(&mut stdin, text.as_bytes())?;
+    drop(stdin);
+    let output = promtool.wait_with_output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "promtool check metrics failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
 }
