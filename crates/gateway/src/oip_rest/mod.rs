@@ -1,8 +1,8 @@
 //! The Open Inference Protocol (KServe v2) over REST: server and model
-//! health, metadata, and inference with JSON tensors (and the binary tensor
-//! data extension), forwarded as gRPC to a worker serving the model. Health answers are in the status code (200 for
-//! true, 400 for false); errors are `{"error": "message"}` with the status of
-//! their kind.
+//! health, metadata, and inference with JSON tensors (or the binary tensor
+//! data extension's), forwarded as gRPC to a worker serving the model. Health
+//! answers are in the status code (200 for true, 400 for false); errors are
+//! `{"error": "message"}` with the status of their kind.
 
 mod tensor;
 
@@ -192,15 +192,17 @@ async fn infer(
     let ModelPath { model, version } = model_path(path)?;
     call.set_model(&model)?;
     let TensorBody { json, binary } = body?;
-    let tensor::Infer { request, binary } =
-        tensor::infer_request(&model, &version, &json, &binary)?;
+    let tensor::Infer {
+        request,
+        binary: binary_outputs,
+    } = tensor::infer_request(&model, &version, &json, &binary)?;
     // Tensors have no tokens: a request counts only against requests per
     // minute and concurrency.
     call.admit(&model, 0).await?;
     let plan = forward::plan(&call, Target::work(&model, &version, None), "this request")?;
     let response: pb::ModelInferResponse =
         forward::unary(&call, &plan, methods::MODEL_INFER, request).await?;
-    let body = tensor::infer_response(response, &binary)?;
+    let body = tensor::infer_response(response, &binary_outputs)?;
     let Some(data) = body.binary else {
         return Ok(Json(body.json).into_response());
     };
