@@ -9,7 +9,7 @@
 //! p50/p99 latency and throughput, what the gateway adds, the throughput ratio, and the CPU
 //! each role spent per request (from the threads' times in `/proc`). Rows for the Open
 //! Inference Protocol's REST API through the gateway (keep-alive HTTP/1.1, one connection
-//! per client) follow for comparison.
+//! per client; JSON tensors, then binary ones) follow for comparison.
 //!
 //! The load generator shares the machine's cores with the worker and the gateway, so once
 //! the cores are saturated (concurrency 64 on a small machine) the throughput ratio is the
@@ -112,8 +112,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
         if groups.rest {
-            for concurrency in [1, 64] {
-                rows.push(http_row(shared.gateway_http, concurrency, measure).await?);
+            for binary in [false, true] {
+                for concurrency in [1, 64] {
+                    let row = http_row(shared.gateway_http, binary, concurrency, measure);
+                    rows.push(row.await?);
+                }
             }
         }
         if groups.mlp {
@@ -655,21 +658,41 @@ async fn grpc_measure(
     .await
 }
 
-async fn http_row(addr: SocketAddr, concurrency: usize, measure: Duration) -> anyhow::Result<Row> {
-    let data: Vec<String> = onnx::random_f32(3, WIDTH)
-        .iter()
-        .map(|v| v.to_string())
-        .collect();
-    let body = format!(
-        r#"{{"inputs": [{{"name": "x", "shape": [1, {WIDTH}], "datatype": "FP32", "data": [{}]}}]}}"#,
-        data.join(", ")
-    );
-    let request: Arc<str> = format!(
+/// The REST rows: JSON tensors, or with `binary` the binary tensor data extension both
+/// ways (the input after the JSON, the output asked for as binary), as Triton's HTTP client
+/// sends them by default.
+async fn http_row(
+    addr: SocketAddr,
+    binary: bool,
+    concurrency: usize,
+    measure: Duration,
+) -> anyhow::Result<Row> {
+    let values = onnx::random_f32(3, WIDTH);
+    let (body, extra_header) = if binary {
+        let json = format!(
+            r#"{{"inputs": [{{"name": "x", "shape": [1, {WIDTH}], "datatype": "FP32", "parameters": {{"binary_data_size": {}}}}}], "outputs": [{{"name": "y", "parameters": {{"binary_data": true}}}}]}}"#,
+            WIDTH * 4
+        );
+        let mut body = json.clone().into_bytes();
+        body.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        let header = format!("Inference-Header-Content-Length: {}\r\n", json.len());
+        (body, header)
+    } else {
+        let data: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        let json = format!(
+            r#"{{"inputs": [{{"name": "x", "shape": [1, {WIDTH}], "datatype": "FP32", "data": [{}]}}]}}"#,
+            data.join(", ")
+        );
+        (json.into_bytes(), String::new())
+    };
+    let mut request = format!(
         "POST /v2/models/id/infer HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
+         {extra_header}Content-Length: {}\r\n\r\n",
         body.len()
     )
-    .into();
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let request: Arc<[u8]> = request.into();
     let mut connections = Vec::new();
     for _ in 0..concurrency {
         let stream = TcpStream::connect(addr).await?;
@@ -685,27 +708,30 @@ async fn http_row(addr: SocketAddr, concurrency: usize, measure: Duration) -> an
                 request.clone(),
             )
         },
-        |(mut connection, request)| async move {
-            post(&mut connection, &request).await?;
+        move |(mut connection, request)| async move {
+            let binary_answer = post(&mut connection, &request).await?;
+            anyhow::ensure!(binary_answer == binary, "binary answer: {binary_answer}");
             Ok((connection, request))
         },
     )
     .await?;
-    Ok(row(
-        "through the gateway (OIP REST, HTTP/1.1)",
-        Some(DIRECT),
-        concurrency,
-        measured,
-    ))
+    let path = if binary {
+        "through the gateway (OIP REST binary tensors, HTTP/1.1)"
+    } else {
+        "through the gateway (OIP REST, HTTP/1.1)"
+    };
+    Ok(row(path, Some(DIRECT), concurrency, measured))
 }
 
-/// One request on a keep-alive connection; fails unless the answer is 200.
-async fn post(connection: &mut BufReader<TcpStream>, request: &str) -> anyhow::Result<()> {
-    connection.get_mut().write_all(request.as_bytes()).await?;
+/// One request on a keep-alive connection; fails unless the answer is 200. Returns whether
+/// the answer has binary data after its JSON (an `Inference-Header-Content-Length` header).
+async fn post(connection: &mut BufReader<TcpStream>, request: &[u8]) -> anyhow::Result<bool> {
+    connection.get_mut().write_all(request).await?;
     let mut line = String::new();
     connection.read_line(&mut line).await?;
     anyhow::ensure!(line.starts_with("HTTP/1.1 200"), "answered {line:?}");
     let mut length = 0;
+    let mut binary = false;
     loop {
         line.clear();
         connection.read_line(&mut line).await?;
@@ -713,15 +739,16 @@ async fn post(connection: &mut BufReader<TcpStream>, request: &str) -> anyhow::R
         if header.is_empty() {
             break;
         }
-        if let Some((name, value)) = header.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().context("content-length")?;
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().context("content-length")?;
+            }
+            binary |= name.eq_ignore_ascii_case("inference-header-content-length");
         }
     }
     let mut body = vec![0; length];
     connection.read_exact(&mut body).await?;
-    Ok(())
+    Ok(binary)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
