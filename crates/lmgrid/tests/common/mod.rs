@@ -131,6 +131,29 @@ pub(crate) async fn run_service(
     Ok((status, running.stderr()))
 }
 
+/// `lmgrid <subcommand>` as node `id`, registering in `etcd` under `prefix`, with its gRPC
+/// and admin servers on `grpc` and `admin`.
+fn node_command(
+    subcommand: &str,
+    etcd: &EtcdServer,
+    prefix: &str,
+    id: &str,
+    [grpc, admin]: [SocketAddr; 2],
+) -> Command {
+    let mut command = lmgrid();
+    command
+        .arg(subcommand)
+        .env("LMGRID__NODE__INSTANCE_ID", id)
+        .env("LMGRID__NODE__GRPC__LISTEN_ADDR", grpc.to_string())
+        .env("LMGRID__NODE__ADMIN__LISTEN_ADDR", admin.to_string())
+        .env(
+            "LMGRID__NODE__DISCOVERY__ETCD__ENDPOINTS",
+            format!("[{}]", etcd.endpoint()),
+        )
+        .env("LMGRID__NODE__DISCOVERY__ETCD__PREFIX", prefix);
+    command
+}
+
 /// `lmgrid worker` registering in `etcd` under `prefix` as `id`, on free loopback ports.
 pub(crate) struct WorkerProcess {
     pub(crate) command: Command,
@@ -146,17 +169,8 @@ pub(crate) fn worker_command(
     drain_delay: &str,
 ) -> WorkerProcess {
     let [grpc_addr, admin_addr] = free_addrs();
-    let mut command = lmgrid();
+    let mut command = node_command("worker", etcd, prefix, id, [grpc_addr, admin_addr]);
     command
-        .arg("worker")
-        .env("LMGRID__NODE__INSTANCE_ID", id)
-        .env("LMGRID__NODE__GRPC__LISTEN_ADDR", grpc_addr.to_string())
-        .env("LMGRID__NODE__ADMIN__LISTEN_ADDR", admin_addr.to_string())
-        .env(
-            "LMGRID__NODE__DISCOVERY__ETCD__ENDPOINTS",
-            format!("[{}]", etcd.endpoint()),
-        )
-        .env("LMGRID__NODE__DISCOVERY__ETCD__PREFIX", prefix)
         .env("LMGRID__NODE__DISCOVERY__ETCD__LEASE_TTL", lease_ttl)
         .env("LMGRID__NODE__SHUTDOWN__DRAIN_DELAY", drain_delay);
     WorkerProcess {
@@ -180,17 +194,8 @@ pub(crate) fn gateway_command(etcd: &EtcdServer, prefix: &str, id: &str) -> Gate
     let admin_addr = std::iter::repeat_with(|| free_addrs()[0])
         .find(|addr| ![http_addr, grpc_addr].contains(addr))
         .expect("an endless supply of ports");
-    let mut command = lmgrid();
+    let mut command = node_command("gateway", etcd, prefix, id, [grpc_addr, admin_addr]);
     command
-        .arg("gateway")
-        .env("LMGRID__NODE__INSTANCE_ID", id)
-        .env("LMGRID__NODE__GRPC__LISTEN_ADDR", grpc_addr.to_string())
-        .env("LMGRID__NODE__ADMIN__LISTEN_ADDR", admin_addr.to_string())
-        .env(
-            "LMGRID__NODE__DISCOVERY__ETCD__ENDPOINTS",
-            format!("[{}]", etcd.endpoint()),
-        )
-        .env("LMGRID__NODE__DISCOVERY__ETCD__PREFIX", prefix)
         .env("LMGRID__NODE__SHUTDOWN__DRAIN_DELAY", "0s")
         .env("LMGRID__HTTP__LISTEN_ADDR", http_addr.to_string());
     GatewayProcess {
