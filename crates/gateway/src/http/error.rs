@@ -130,7 +130,8 @@ impl ApiError {
         ApiError {
             status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
             message: format!(
-                "Content-Encoding {encoding:?} is not supported; send the request body uncompressed"
+                "Content-Encoding {encoding:?} is not supported; send the request body \
+                 uncompressed, or as gzip or deflate"
             ),
             param: None,
             code: Cow::Borrowed("unsupported_content_encoding"),
