@@ -38,17 +38,6 @@ const SCRIPT_PATIENCE: Duration = Duration::from_secs(600);
 /// The admin API's token in the multi-process test.
 const ADMIN_TOKEN: &str = "client-sdks-admin-token";
 
-/// `LMGRID_CACHE_DIR`, else `~/.cache/lmgrid`, as `cargo xtask` uses it.
-fn cache_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("LMGRID_CACHE_DIR").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(dir));
-    }
-    let home = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .context("neither LMGRID_CACHE_DIR nor HOME is set")?;
-    Ok(Path::new(&home).join(".cache").join("lmgrid"))
-}
-
 /// The SDKs' Python and a model repository of what the scripts use.
 struct Setup {
     python: PathBuf,
@@ -60,14 +49,15 @@ impl Setup {
     /// repository of the two real models (links into the cache, which also holds variants
     /// that would only slow the start down) and the tensor fixtures.
     fn new() -> anyhow::Result<Setup> {
-        let cache = cache_dir()?;
+        // Where `cargo xtask` and `lmgrid up` keep them.
+        let cache = lmgrid_setup::cache_dir()?;
         let python = cache.join("venv-sdk/bin/python");
         ensure!(
             python.is_file(),
             "{} is missing: run `cargo xtask deps` to build the client SDKs' venv",
             python.display()
         );
-        let models = cache.join("models");
+        let models = cache.join(lmgrid_setup::MODELS_DIR);
         for model in [EMBEDDING_MODEL, GENERATION_MODEL] {
             let onnx = models.join(model).join("1/model.onnx");
             ensure!(
