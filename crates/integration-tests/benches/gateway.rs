@@ -830,6 +830,18 @@ fn print_table(rows: &[Row]) {
                     g.p99_ms - d.p99_ms,
                     g.per_second / d.per_second
                 );
+                // Which of the three targets this pair is judged on (docs/decisions.md).
+                let judged = match (routed, concurrency) {
+                    (ROUTED_MLP_PINNED, 1) => {
+                        "the latency targets (throughput at concurrency 1 is 1 / latency)"
+                    }
+                    (ROUTED_MLP_PINNED, _) => {
+                        "the throughput target (latency here is the model's queue)"
+                    }
+                    (ROUTED_PINNED, _) => "none: the gateway's own cost, with no model to serve",
+                    _ => "none: the gateway takes CPU from the worker, as no deployment does",
+                };
+                println!("  judged on: {judged}");
                 // Requests per second × CPU per request: how busy each core was.
                 let busy = |r: &Row, us: f64| r.per_second * us / 1e4;
                 let [client, gateway, worker] = g.cpu_us;
