@@ -47,7 +47,10 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .map(|s| s.split(',').filter_map(|p| p.trim().parse().ok()).collect())
         .filter(|v: &Vec<usize>| v.len() == 4)
-        .unwrap_or_else(|| vec![256, 1024, 2, 256]);
+        // The gateway benchmark's MLP (6.3 M parameters, ~0.75 ms a row at batch 1 here):
+        // a model whose batch-1 call costs less than a gRPC request's own CPU shows the
+        // HTTP/2 stack, not batching (docs/performance.md).
+        .unwrap_or_else(|| vec![512, 2048, 2, 512]);
     let (input, hidden, layers, output) = (sizes[0], sizes[1], sizes[2], sizes[3]);
     let mlp = onnx::mlp(input, hidden, layers, output, 7);
     let delay = std::env::var("LMGRID_BENCH_DELAY").unwrap_or_else(|_| "200us".to_string());
