@@ -51,6 +51,10 @@ pub struct HttpConfig {
     /// gRPC deadline.
     #[serde(with = "humantime_serde")]
     pub default_timeout: Duration,
+    /// Compress answers of 1 KiB or more with gzip or deflate when the
+    /// client's `Accept-Encoding` asks for it (streams excepted). Off where
+    /// a proxy in front compresses instead.
+    pub compress_responses: bool,
 }
 
 /// The default of [`HttpConfig::max_body_bytes`]: 2 MiB.
@@ -70,6 +74,7 @@ impl Default for HttpConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_tokens_cap: DEFAULT_MAX_TOKENS_CAP,
             default_timeout: DEFAULT_TIMEOUT,
+            compress_responses: true,
         }
     }
 }

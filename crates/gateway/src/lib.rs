@@ -143,6 +143,7 @@ impl Gateway {
                 max_body_bytes: config.http.max_body_bytes,
                 max_tokens_cap: config.http.max_tokens_cap,
                 default_timeout: config.http.default_timeout,
+                compress_responses: config.http.compress_responses,
             },
             auth: tenancy.auth.clone(),
             admission: tenancy.admission.clone(),

@@ -29,7 +29,8 @@ use axum::routing::{delete, get, post};
 
 use crate::auth::config::TenantDefaults;
 use crate::auth::{Authenticator, TenantStore, keys};
-use crate::http::call::{REQUEST_ID, read_body, request_id_from};
+use crate::http::call::{REQUEST_ID, request_id_from};
+use crate::http::encoding::read_body;
 use crate::http::error::{ApiError, Shape, render};
 use crate::http::json::parse_object;
 use crate::usage::Usage;

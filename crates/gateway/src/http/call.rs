@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 use tonic::metadata::{MetadataKey, MetadataValue};
 
 use super::AppState;
+use super::encoding::read_body;
 use super::error::ApiError;
 use super::json::parse_object;
 use crate::admission::{RateWindows, Rejection, Ticket};
@@ -419,109 +420,6 @@ impl FromRequest<AppState> for JsonBody {
     }
 }
 
-/// How a request body is compressed (`Content-Encoding`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Encoding {
-    Identity,
-    Gzip,
-    /// HTTP's `deflate`: the zlib format.
-    Deflate,
-}
-
-impl Encoding {
-    fn of(headers: &HeaderMap) -> Result<Encoding, ApiError> {
-        let Some(value) = headers.get(header::CONTENT_ENCODING) else {
-            return Ok(Encoding::Identity);
-        };
-        let name = String::from_utf8_lossy(value.as_bytes());
-        let name = name.trim();
-        match name.to_ascii_lowercase().as_str() {
-            "identity" | "" => Ok(Encoding::Identity),
-            "gzip" | "x-gzip" => Ok(Encoding::Gzip),
-            "deflate" => Ok(Encoding::Deflate),
-            _ => Err(ApiError::unsupported_encoding(name)),
-        }
-    }
-}
-
-/// Reads a whole body of at most `limit` bytes, decompressing a gzip or
-/// deflate body (itself at most `limit` bytes, and at most `limit` once
-/// decompressed). Other encodings are refused (415) rather than misread as
-/// malformed JSON.
-pub(crate) async fn read_body(
-    request: Request,
-    limit: usize,
-) -> Result<axum::body::Bytes, ApiError> {
-    let encoding = Encoding::of(request.headers())?;
-    let body = read_raw_body(request, limit).await?;
-    if encoding == Encoding::Identity {
-        return Ok(body);
-    }
-    // Inflating up to `limit` bytes takes milliseconds: off the runtime's
-    // threads.
-    tokio::task::spawn_blocking(move || inflate(encoding, &body, limit))
-        .await
-        .map_err(|error| {
-            ApiError::new(
-                ErrorKind::Internal,
-                format!("decompressing the body failed: {error}"),
-            )
-        })?
-}
-
-/// The decompressed `body`, at most `limit` bytes.
-fn inflate(encoding: Encoding, body: &[u8], limit: usize) -> Result<axum::body::Bytes, ApiError> {
-    use std::io::Read as _;
-    let decoder: Box<dyn std::io::Read + '_> = match encoding {
-        Encoding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
-        Encoding::Deflate => Box::new(flate2::read::ZlibDecoder::new(body)),
-        Encoding::Identity => return Ok(axum::body::Bytes::copy_from_slice(body)),
-    };
-    let mut out = Vec::new();
-    decoder
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|error| {
-            let name = if encoding == Encoding::Gzip {
-                "gzip"
-            } else {
-                "deflate (zlib)"
-            };
-            ApiError::bad_request(format!(
-                "the request body is not valid {name} data: {error}"
-            ))
-        })?;
-    if out.len() > limit {
-        return Err(ApiError::too_large(limit));
-    }
-    Ok(out.into())
-}
-
-/// Reads a whole body of at most `limit` bytes as it came.
-async fn read_raw_body(request: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
-        return Err(ApiError::too_large(limit));
-    }
-    axum::body::to_bytes(request.into_body(), limit)
-        .await
-        .map_err(|error| {
-            let inner = error.into_inner();
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
-            while let Some(error) = source {
-                if error.is::<http_body_util::LengthLimitError>() {
-                    return ApiError::too_large(limit);
-                }
-                source = error.source();
-            }
-            ApiError::bad_request(format!("could not read the request body: {inner}"))
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,46 +456,6 @@ mod tests {
         let err = timeout_header(&headers, REQUEST_TIMEOUT, parse_seconds_or_duration).unwrap_err();
         assert_eq!(err.status(), 400);
         assert!(err.message().contains("x-request-timeout"), "{err:?}");
-    }
-
-    #[tokio::test]
-    async fn gzip_and_deflate_bodies_are_inflated_within_the_limit() {
-        use std::io::Write as _;
-        let request = |encoding: &str, body: Vec<u8>| {
-            axum::http::Request::builder()
-                .header(header::CONTENT_ENCODING, encoding)
-                .body(axum::body::Body::from(body))
-                .unwrap()
-        };
-        let json = br#"{"inputs": []}"#;
-        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gzip.write_all(json).unwrap();
-        let gzip = gzip.finish().unwrap();
-        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-        zlib.write_all(json).unwrap();
-        let zlib = zlib.finish().unwrap();
-
-        for (encoding, body) in [
-            ("gzip", gzip.clone()),
-            ("GZIP", gzip.clone()),
-            ("deflate", zlib.clone()),
-            ("identity", json.to_vec()),
-        ] {
-            let read = read_body(request(encoding, body), 100).await.unwrap();
-            assert_eq!(&read[..], json, "{encoding}");
-        }
-        // Decompressed, the body must still fit the limit.
-        let err = read_body(request("gzip", gzip.clone()), json.len() - 1)
-            .await
-            .unwrap_err();
-        assert_eq!(err.status(), 413);
-        // A body that is not what its encoding says, or an encoding not offered.
-        let err = read_body(request("deflate", gzip), 100).await.unwrap_err();
-        assert_eq!(err.status(), 400);
-        assert!(err.message().contains("not valid deflate"), "{err:?}");
-        let err = read_body(request("br", zlib), 100).await.unwrap_err();
-        assert_eq!(err.status(), 415);
-        assert!(err.message().contains("\"br\""), "{err:?}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! the response body ends, so streams count whole.
 
 pub(crate) mod call;
+pub(crate) mod encoding;
 pub(crate) mod error;
 pub(crate) mod forward;
 pub(crate) mod json;
@@ -51,6 +52,7 @@ pub(crate) struct Limits {
     pub(crate) max_body_bytes: usize,
     pub(crate) max_tokens_cap: u32,
     pub(crate) default_timeout: Duration,
+    pub(crate) compress_responses: bool,
 }
 
 /// Routes whose requests are probes and scrapes, not traffic: no metrics,
@@ -66,11 +68,11 @@ pub(crate) fn router(state: AppState, admin: Option<Router>) -> Router {
     let oip = crate::oip_rest::routes().layer(from_fn(|request: Request, next: Next| {
         error::render(Shape::Oip, request, next)
     }));
-    let mut router = Router::new()
-        .merge(openai)
-        .merge(oip)
-        .fallback(no_route)
-        .with_state(state);
+    let mut apis = Router::new().merge(openai).merge(oip);
+    if state.limits.compress_responses {
+        apis = apis.layer(from_fn(encoding::compress));
+    }
+    let mut router = apis.fallback(no_route).with_state(state);
     if let Some(admin) = admin {
         router = router.merge(admin);
     }

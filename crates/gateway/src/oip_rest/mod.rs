@@ -18,7 +18,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::http::AppState;
-use crate::http::call::{Call, read_body};
+use crate::http::call::Call;
+use crate::http::encoding::read_body;
 use crate::http::error::ApiError;
 use crate::http::forward::{self, methods};
 use crate::http::json::parse_object;

@@ -9,13 +9,18 @@ the tensor fixtures `add_mul` (FP32 a, b [-1, 4] -> sum, product), `identity_fp1
     python oip_client.py --http 127.0.0.1:8080 --grpc 127.0.0.1:8081 [--api-key KEY]
 
 With `--api-key`, model calls send `Authorization: Bearer KEY`, and calls without it must be
-refused. Each check prints `ok: NAME` or `FAILED: NAME` with the reason; every check runs even
-when an earlier one failed, and the exit status is 1 if any failed.
+refused. Answers asked for compressed (`Accept-Encoding`) must come back compressed. Each
+check prints `ok: NAME` or `FAILED: NAME` with the reason; every check runs even when an
+earlier one failed, and the exit status is 1 if any failed.
 """
 
 import argparse
+import gzip
+import json
 import sys
 import traceback
+import urllib.request
+import zlib
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -38,11 +43,12 @@ def expect_error(call, *statuses):
 
 
 class Checks:
-    def __init__(self, module, client, key, protocol):
+    def __init__(self, module, client, key, protocol, url):
         self.module = module
         self.client = client
         self.key = key
         self.protocol = protocol
+        self.url = url
 
     @property
     def headers(self):
@@ -163,6 +169,58 @@ class Checks:
                 )
                 np.testing.assert_allclose(result.as_numpy("sum"), a + a)
 
+    def infer_compressed_answer(self):
+        if self.protocol != "http":
+            return
+        # 16 strings of 200 characters: answers of several KiB, JSON or binary.
+        x = np.array(
+            [[f"{row}-{col}:" + "lmgrid " * 28 for col in range(2)] for row in range(8)],
+            dtype=np.object_,
+        )
+        for algorithm in ("gzip", "deflate"):
+            for binary in (True, False):
+                tensor = self.module.InferInput("x", list(x.shape), "BYTES")
+                tensor.set_data_from_numpy(x, binary_data=binary)
+                result = self.client.infer(
+                    TEXT,
+                    [tensor],
+                    outputs=[self.output("y", binary)],
+                    response_compression_algorithm=algorithm,
+                    headers=self.headers,
+                )
+                y = result.as_numpy("y")
+                got = [v if isinstance(v, bytes) else v.encode() for v in y.flatten()]
+                assert got == [v.encode() for v in x.flatten()], (algorithm, binary)
+        # Whether it was compressed is only visible on the wire: ask once more, raw.
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "shape": list(x.shape),
+                        "datatype": "BYTES",
+                        "data": x.flatten().tolist(),
+                    }
+                ]
+            }
+        ).encode()
+        for algorithm, decompress in (("gzip", gzip.decompress), ("deflate", zlib.decompress)):
+            request = urllib.request.Request(
+                f"http://{self.url}/v2/models/{TEXT}/infer",
+                data=body,
+                headers={
+                    **(self.headers or {}),
+                    "Content-Type": "application/json",
+                    "Accept-Encoding": algorithm,
+                },
+            )
+            with urllib.request.urlopen(request) as answer:
+                assert answer.headers["Content-Encoding"] == algorithm, dict(answer.headers)
+                raw = answer.read()
+            result = json.loads(decompress(raw))
+            assert len(raw) < len(json.dumps(result)) / 3, len(raw)
+            assert result["outputs"][0]["data"] == x.flatten().tolist(), result
+
     def infer_bytes(self):
         x = np.array([["", "héllo".encode()], ["東京".encode(), b"a, b"]], dtype=np.object_)
         modes = (True, False) if self.protocol == "http" else (None,)
@@ -245,9 +303,10 @@ def main():
     ]
     failed = []
     for protocol, module, client in clients:
-        checks = Checks(module, client, args.api_key, protocol)
+        checks = Checks(module, client, args.api_key, protocol, args.http)
         for name in ("server", "model_metadata", "infer", "infer_json_and_mixed", "infer_fp16",
-                     "infer_compressed", "infer_bytes", "errors", "keys"):
+                     "infer_compressed", "infer_compressed_answer", "infer_bytes", "errors",
+                     "keys"):
             label = f"{protocol}.{name}"
             try:
                 getattr(checks, name)()
