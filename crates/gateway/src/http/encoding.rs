@@ -257,7 +257,7 @@ pub(crate) async fn compress(request: Request, next: Next) -> Response {
 ///
 /// Each thread keeps its compressors: a new one allocates and clears some
 /// 300 KB of tables, which took 200 µs for an 8 KB answer where a reused
-/// one takes 60 µs (measured on this project's 2-core VM).
+/// one takes 60 µs (docs/decisions.md).
 fn deflate(encoding: Encoding, bytes: &[u8]) -> Option<Bytes> {
     use std::cell::RefCell;
     thread_local! {
