@@ -46,7 +46,8 @@ pub(crate) struct AppState {
     pub(crate) usage: Usage,
 }
 
-/// The request limits of `http.*` in the gateway's config.
+/// The request limits and the answer compression switch of `http.*` in the
+/// gateway's config.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     pub(crate) max_body_bytes: usize,
