@@ -113,6 +113,7 @@ struct Settings {
     routing: lmgrid_gateway::RoutingConfig,
     auth: lmgrid_gateway::AuthConfig,
     admission: lmgrid_gateway::AdmissionConfig,
+    http: lmgrid_gateway::HttpConfig,
 }
 
 impl SandboxBuilder {
@@ -195,6 +196,13 @@ impl SandboxBuilder {
         self
     }
 
+    /// Every gateway's public HTTP settings; it listens on a free loopback port without
+    /// the admin routes whatever `http` says of those.
+    pub fn gateway_http(mut self, http: lmgrid_gateway::HttpConfig) -> Self {
+        self.settings.http = http;
+        self
+    }
+
     /// The zone every instance reports in discovery.
     pub fn zone(mut self, zone: impl Into<String>) -> Self {
         self.settings.zone = Some(zone.into());
@@ -246,6 +254,7 @@ impl Sandbox {
                     ..Default::default()
                 },
                 admission: Default::default(),
+                http: Default::default(),
             },
             services: Vec::new(),
         }
@@ -428,7 +437,7 @@ impl Sandbox {
                     http: lmgrid_gateway::HttpConfig {
                         listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                         serve_admin: false,
-                        ..Default::default()
+                        ..self.settings.http.clone()
                     },
                     require_services: require_services.clone(),
                     routing: self.settings.routing.clone(),

@@ -6,7 +6,7 @@ use lmgrid_integration_tests::{http_get, http_post_json, http_request};
 use lmgrid_test_support::EtcdServer;
 use serde_json::{Value, json};
 
-use crate::openai::{add_mul_sandbox, json_of};
+use crate::openai::{add_mul_sandbox, add_mul_sandbox_with, json_of};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oip_rest_serves_health_metadata_and_inference() -> anyhow::Result<()> {
@@ -203,5 +203,43 @@ async fn oip_rest_errors_are_messages_with_the_right_status() -> anyhow::Result<
     )
     .await?;
     assert_oip_error(&response, 400, "4 bytes of binary data follow")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_are_compressed_when_asked_unless_turned_off() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    // A model name long enough that the 404 naming it is over 1 KiB.
+    let model = "m".repeat(1500);
+    let path = format!("/v2/models/{model}");
+    for (on, expected) in [(true, Some("gzip")), (false, None)] {
+        let config = lmgrid_gateway::HttpConfig {
+            compress_responses: on,
+            ..Default::default()
+        };
+        let (_sandbox, _repo, http) = add_mul_sandbox_with(&etcd, config).await?;
+        let asked = http_request(http, "GET", &path, &[("accept-encoding", "gzip")], b"").await?;
+        assert_eq!(asked.status, 404, "{}", asked.body);
+        assert_eq!(
+            asked.header("content-encoding"),
+            expected,
+            "compress_responses: {on}"
+        );
+        let plain = http_request(http, "GET", &path, &[], b"").await?;
+        assert_eq!(plain.status, 404);
+        assert_eq!(plain.header("content-encoding"), None);
+        assert!(plain.body.contains(&model), "{}", plain.body);
+        // Small answers go as they are even when asked.
+        let small = http_request(
+            http,
+            "GET",
+            "/v2/models/add_mul",
+            &[("accept-encoding", "gzip")],
+            b"",
+        )
+        .await?;
+        assert_eq!(small.status, 200);
+        assert_eq!(small.header("content-encoding"), None);
+    }
     Ok(())
 }

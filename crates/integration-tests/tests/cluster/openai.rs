@@ -231,6 +231,14 @@ async fn the_openai_api_lists_models_and_embeds_text_with_minilm() -> anyhow::Re
 pub(crate) async fn add_mul_sandbox(
     etcd: &EtcdServer,
 ) -> anyhow::Result<(Sandbox, TempDir, SocketAddr)> {
+    add_mul_sandbox_with(etcd, Default::default()).await
+}
+
+/// [`add_mul_sandbox`] with the gateway's public HTTP settings `http`.
+pub(crate) async fn add_mul_sandbox_with(
+    etcd: &EtcdServer,
+    http: lmgrid_gateway::HttpConfig,
+) -> anyhow::Result<(Sandbox, TempDir, SocketAddr)> {
     let repo = TempDir::new()?;
     onnx::model_repository(
         repo.path(),
@@ -241,6 +249,7 @@ pub(crate) async fn add_mul_sandbox(
     let sandbox = Sandbox::builder(etcd)
         .worker_with_models(repo.path())
         .gateway()
+        .gateway_http(http)
         .build()
         .await?;
     let http = sandbox.node("gateway").http_addr();
